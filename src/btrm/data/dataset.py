@@ -1,0 +1,245 @@
+"""Pairs -> token ids (the shared render function, via datasets.map), over-long policy, held-out split, disk cache,
+and the deterministic step sampler that makes resume exact."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from btrm.config import DataConfig, SourceConfig
+from btrm.data.packing import collate_pairs, plan_step
+from btrm.data.pairs import Pair
+from btrm.data.sources import DataReport, load_pairs, source_files
+from btrm.render import render_text, tokenize_texts
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when tokenization or the cache layout changes
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Over-long policy
+
+
+def common_prefix_len(a, b) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def fit_pair(c: list[int], r: list[int], max_length: int, max_tokens: int, policy: str, bos_id: int | None):
+    """(chosen, rejected, status) with status ok | truncated | dropped. Only shared prompt tokens are ever cut,
+    from the left (after a leading BOS); the responses, and so the reward tokens, stay whole."""
+    if len(c) <= max_length and len(r) <= max_length and len(c) + len(r) <= max_tokens:
+        return c, r, "ok"
+    if policy == "drop":
+        return None, None, "dropped"
+    head = 1 if bos_id is not None and c and c[0] == bos_id else 0
+    shared = common_prefix_len(c, r) - 1  # keep at least one shared token before the responses diverge
+    need = max(len(c) - max_length, len(r) - max_length, math.ceil((len(c) + len(r) - max_tokens) / 2), 0)
+    if shared - head < need:
+        return None, None, "dropped"
+    return c[:head] + c[head + need:], r[:head] + r[head + need:], "truncated"
+
+
+def pair_hash(chosen: list[dict], rejected: list[dict]) -> str:
+    """Stable content hash, independent of which side is chosen (a swapped copy lands on the same side)."""
+    parts = sorted(json.dumps(x, sort_keys=True, ensure_ascii=False) for x in (chosen, rejected))
+    return hashlib.sha1("\x00".join(parts).encode()).hexdigest()
+
+
+def is_heldout(h: str, fraction: float) -> bool:
+    return int(h[:15], 16) / 16**15 < fraction
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenized pair store
+
+
+@dataclass
+class TokenizedPairs:
+    """Column store of tokenized pairs (an Arrow-backed `datasets.Dataset`)."""
+
+    ds: Any
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """chosen + rejected tokens per pair."""
+        if not hasattr(self, "_sizes"):
+            self._sizes = np.asarray(self.ds["num_tokens"], dtype=np.int64)
+        return self._sizes
+
+    def batch(self, indices: list[int]):
+        """PackedBatch of these pairs, in this order."""
+        rows = self.ds[indices] if indices else {k: [] for k in self.ds.column_names}
+        return collate_pairs(rows["chosen_ids"], rows["rejected_ids"], pair_ids=list(indices),
+                             margins=rows["margin"], sources=rows["source"], categories=rows["category"])
+
+
+def _tokenize_batch(batch, tokenizer, kwargs, max_length, max_tokens, policy):
+    texts_c = [render_text(tokenizer, json.loads(m), kwargs) for m in batch["chosen"]]
+    texts_r = [render_text(tokenizer, json.loads(m), kwargs) for m in batch["rejected"]]
+    ids_c, ids_r = tokenize_texts(tokenizer, texts_c), tokenize_texts(tokenizer, texts_r)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token else None
+    out = {"chosen_ids": [], "rejected_ids": [], "status": [], "num_tokens": []}
+    for c, r in zip(ids_c, ids_r):
+        c2, r2, status = fit_pair(c, r, max_length, max_tokens, policy, bos)
+        out["chosen_ids"].append(c2 or [])
+        out["rejected_ids"].append(r2 or [])
+        out["status"].append(status)
+        out["num_tokens"].append(len(c2 or []) + len(r2 or []))
+    return out
+
+
+def tokenize_pairs(pairs: list[Pair], tokenizer, cfg: DataConfig, report: DataReport) -> TokenizedPairs:
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({
+        "chosen": [json.dumps(p.chosen, ensure_ascii=False) for p in pairs],
+        "rejected": [json.dumps(p.rejected, ensure_ascii=False) for p in pairs],
+        "margin": [p.margin for p in pairs],
+        "source": [p.source for p in pairs],
+        "category": [p.category for p in pairs],
+        "origin": [p.origin for p in pairs],
+    })
+    num_proc = cfg.num_proc if cfg.num_proc > 1 and len(pairs) >= 1000 else None
+    ds = ds.map(_tokenize_batch, batched=True, batch_size=256, num_proc=num_proc, remove_columns=["chosen", "rejected"],
+                fn_kwargs=dict(tokenizer=tokenizer, kwargs=cfg.chat_template_kwargs, max_length=cfg.max_length,
+                               max_tokens=cfg.max_tokens, policy=cfg.overlong),
+                desc="tokenizing pairs", load_from_cache_file=False)
+    for status, src in zip(ds["status"], ds["source"]):
+        if status == "dropped":
+            report.overlong_dropped[src] += 1
+        elif status == "truncated":
+            report.overlong_truncated[src] += 1
+    ds = ds.filter(lambda s: [x != "dropped" for x in s], input_columns="status", batched=True,
+                   load_from_cache_file=False)
+    return TokenizedPairs(ds)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Cache
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha1()
+    h.update(tokenizer.backend_tokenizer.to_str().encode() if hasattr(tokenizer, "backend_tokenizer") else
+             json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(str(tokenizer.chat_template).encode())
+    h.update(str(tokenizer.bos_token).encode())
+    return h.hexdigest()
+
+
+def _files_fingerprint(sources: list[SourceConfig]) -> list:
+    out = []
+    for s in sources:
+        files = source_files(s)
+        out.append([asdict(s), [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]])
+    return out
+
+
+def cache_key(cfg: DataConfig, tokenizer, seed: int) -> str:
+    payload = {
+        "v": CACHE_VERSION, "tok": _tokenizer_fingerprint(tokenizer), "kw": cfg.chat_template_kwargs,
+        "train": _files_fingerprint(cfg.sources), "eval": _files_fingerprint(cfg.eval_sources),
+        "fraction": cfg.eval_fraction, "max_length": cfg.max_length, "max_tokens": cfg.max_tokens,
+        "overlong": cfg.overlong, "seed": seed,
+    }
+    return hashlib.sha1(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class PreparedData:
+    train: TokenizedPairs
+    eval: TokenizedPairs | None
+    report: dict  # {"train": DataReport.as_dict(), "eval": ...}
+    cache_dir: Path | None = None
+
+
+def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0, use_cache: bool = True) -> PreparedData:
+    """Load, validate, split, tokenize; reuse the on-disk cache when the key matches."""
+    from datasets import load_from_disk
+
+    key = cache_key(cfg, tokenizer, seed)
+    root = Path(cfg.cache_dir) / key
+    if use_cache and (root / "done.json").exists():
+        log.info("using tokenized cache %s", root)
+        ev = load_from_disk(str(root / "eval")) if (root / "eval").exists() else None
+        return PreparedData(TokenizedPairs(load_from_disk(str(root / "train"))),
+                            TokenizedPairs(ev) if ev is not None else None,
+                            json.loads((root / "report.json").read_text()), root)
+    train_report, eval_report = DataReport(), DataReport()
+    pairs = load_pairs(cfg.sources, train_report, cfg.strict, seed)
+    if cfg.eval_sources:
+        eval_pairs = load_pairs(cfg.eval_sources, eval_report, cfg.strict, seed)
+    elif cfg.eval_fraction > 0:
+        flags = [is_heldout(pair_hash(p.chosen, p.rejected), cfg.eval_fraction) for p in pairs]
+        eval_pairs = [p for p, f in zip(pairs, flags) if f]
+        pairs = [p for p, f in zip(pairs, flags) if not f]
+    else:
+        eval_pairs = []
+    if not pairs:
+        raise ValueError("no valid training pairs: " + (train_report.summary() or "sources are empty"))
+    train = tokenize_pairs(pairs, tokenizer, cfg, train_report)
+    ev = tokenize_pairs(eval_pairs, tokenizer, cfg, eval_report) if eval_pairs else None
+    report = {"train": train_report.as_dict(), "eval": eval_report.as_dict(),
+              "train_pairs": len(train), "eval_pairs": len(ev) if ev else 0}
+    if len(train) == 0:
+        raise ValueError(f"every training pair was dropped as over-long (max_length={cfg.max_length}, "
+                         f"max_tokens={cfg.max_tokens}); raise them or use data.overlong=truncate_prompt_left")
+    if use_cache:
+        tmp = root.with_name(root.name + ".tmp")
+        train.ds.save_to_disk(str(tmp / "train"))
+        if ev is not None:
+            ev.ds.save_to_disk(str(tmp / "eval"))
+        (tmp / "report.json").write_text(json.dumps(report, indent=1))
+        (tmp / "done.json").write_text("{}")
+        if root.exists():
+            import shutil
+
+            shutil.rmtree(root)
+        tmp.rename(root)
+        return prepare_data(cfg, tokenizer, seed, use_cache=True)  # memory-mapped from the cache
+    return PreparedData(train, ev, report, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Deterministic step sampler: global step -> the step's pairs -> this rank's micro-batches
+
+
+@dataclass
+class StepSampler:
+    num_pairs: int
+    global_batch_pairs: int
+    seed: int
+    shuffle: bool = True
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(self.num_pairs / self.global_batch_pairs))
+
+    def step_pairs(self, step: int) -> list[int]:
+        """Pair indices of global step `step` (0-based). A function of (seed, step) only: resume is exact."""
+        epoch, s = divmod(step, self.steps_per_epoch)
+        order = (np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs) if self.shuffle
+                 else np.arange(self.num_pairs))
+        return order[s * self.global_batch_pairs:(s + 1) * self.global_batch_pairs].tolist()
+
+
+def rank_micro_batches(data: TokenizedPairs, pair_indices: list[int], max_tokens: int, world_size: int, rank: int):
+    """This rank's packed micro-batches for one step (every rank computes the same plan)."""
+    sizes = data.sizes[pair_indices].tolist()
+    plan = plan_step(sizes, max_tokens, world_size)
+    return [data.batch([pair_indices[i] for i in mb]) for mb in plan[rank]], plan, sizes

@@ -1,0 +1,166 @@
+"""Pair-aware token-budget packing.
+
+A step's pairs are packed whole (chosen and rejected together) into bins of at most `max_tokens` tokens by
+best-fit decreasing, then the bins are dealt to ranks so that every rank runs the same number of micro-steps with
+balanced token loads. A packed micro-batch is one row: sequences concatenated, `position_ids` restarting at 0
+for each, and each sequence's end index, where its reward is read.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bin packing
+
+
+def best_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]:
+    """Pack items (indices into `sizes`) into bins of `capacity` by best-fit decreasing.
+
+    Each bin is a list of item indices. An item larger than capacity raises (callers drop over-long pairs first).
+    O(n log n): bins are kept in a sorted list of (free space, bin id).
+    """
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted by free space
+    for i in order:
+        s = int(sizes[i])
+        if s > capacity:
+            raise ValueError(f"item {i} of {s} tokens exceeds the bin capacity {capacity}")
+        j = bisect.bisect_left(free, (s, -1))  # tightest bin that still fits
+        if j < len(free):
+            room, b = free.pop(j)
+            bins[b].append(i)
+            bisect.insort(free, (room - s, b))
+        else:
+            bins.append([i])
+            bisect.insort(free, (capacity - s, len(bins) - 1))
+    return bins
+
+
+def split_largest(bins: list[list[int]], sizes: Sequence[int], count: int) -> list[list[int]]:
+    """Split bins (largest first, only bins with >= 2 items) until there are `count` bins, if possible."""
+    bins = [list(b) for b in bins]
+    while len(bins) < count:
+        candidates = [k for k, b in enumerate(bins) if len(b) >= 2]
+        if not candidates:
+            break
+        k = max(candidates, key=lambda k: sum(sizes[i] for i in bins[k]))
+        items = sorted(bins.pop(k), key=lambda i: -sizes[i])
+        a, b, ta, tb = [], [], 0, 0
+        for i in items:  # greedy halving by tokens
+            if ta <= tb:
+                a.append(i)
+                ta += sizes[i]
+            else:
+                b.append(i)
+                tb += sizes[i]
+        bins.extend([a, b])
+    return bins
+
+
+def assign_to_ranks(bins: list[list[int]], sizes: Sequence[int], world_size: int) -> list[list[list[int]]]:
+    """Deal bins to ranks: equal micro-step counts, balanced tokens (largest bin to the lightest rank with room).
+
+    Bin counts that do not divide by `world_size` are first evened out by splitting the fullest bins; a rank
+    gets an empty micro-step (an empty list) only when there are fewer pairs than needed to avoid it.
+    """
+    steps = -(-len(bins) // world_size) if bins else 1
+    bins = split_largest(bins, sizes, steps * world_size)
+    loads = [0] * world_size
+    out: list[list[list[int]]] = [[] for _ in range(world_size)]
+    for b in sorted(bins, key=lambda b: -sum(sizes[i] for i in b)):
+        r = min((r for r in range(world_size) if len(out[r]) < steps), key=lambda r: (loads[r], r))
+        out[r].append(b)
+        loads[r] += sum(sizes[i] for i in b)
+    for r in range(world_size):
+        # heaviest first on every rank: same order everywhere, padding micro-steps last
+        out[r].sort(key=lambda b: -sum(sizes[i] for i in b))
+        out[r].extend([] for _ in range(steps - len(out[r])))
+    return out
+
+
+def plan_step(pair_sizes: Sequence[int], capacity: int, world_size: int) -> list[list[list[int]]]:
+    """Pack one step's pairs (given their chosen+rejected token counts) -> per rank, per micro-step, pair indices."""
+    return assign_to_ranks(best_fit_decreasing(pair_sizes, capacity), pair_sizes, world_size)
+
+
+def pack_windows(pair_sizes: Sequence[int], capacity: int, window: int) -> list[list[int]]:
+    """Best-fit decreasing over consecutive windows of `window` pairs (used for eval/scoring streams)."""
+    bins: list[list[int]] = []
+    for start in range(0, len(pair_sizes), window):
+        chunk = pair_sizes[start:start + window]
+        bins.extend([[start + i for i in b] for b in best_fit_decreasing(chunk, capacity)])
+    return bins
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Collation
+
+
+@dataclass
+class PackedBatch:
+    """One packed row. Sequences 2k and 2k+1 are the chosen and rejected of pair k."""
+
+    input_ids: torch.Tensor  # [1, T] long
+    position_ids: torch.Tensor  # [1, T] long, restarting at 0 per sequence
+    cu_seqlens: torch.Tensor  # [n_seq + 1] int32, sequence boundaries
+    max_seqlen: int
+    margins: torch.Tensor  # [n_pairs] float (0 where absent)
+    pair_ids: list[int] = field(default_factory=list)  # dataset indices of the pairs
+    sources: list[str] = field(default_factory=list)
+    categories: list[str | None] = field(default_factory=list)
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.pair_ids)
+
+    @property
+    def ends(self) -> torch.Tensor:
+        """Index of each sequence's last token in the row (where its reward is read)."""
+        return self.cu_seqlens[1:].long() - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def seq_lengths(self) -> list[int]:
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
+
+    def to(self, device) -> "PackedBatch":
+        return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.cu_seqlens.to(device),
+                           self.max_seqlen, self.margins.to(device), self.pair_ids, self.sources, self.categories)
+
+
+def pack_sequences(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Concatenate token lists into one row: (input_ids [1,T], position_ids [1,T], cu_seqlens, max_seqlen)."""
+    lengths = [len(s) for s in seqs]
+    if any(n == 0 for n in lengths):
+        raise ValueError("cannot pack an empty sequence")
+    ids = torch.tensor(np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs]), dtype=torch.long)
+    pos = torch.cat([torch.arange(n, dtype=torch.long) for n in lengths])
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(np.cumsum(lengths), dtype=torch.int32)
+    return ids[None], pos[None], cu, max(lengths)
+
+
+def collate_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]], *, pair_ids=None,
+                  margins=None, sources=None, categories=None) -> PackedBatch:
+    seqs = [s for pair in zip(chosen, rejected) for s in pair]
+    input_ids, position_ids, cu, max_len = pack_sequences(seqs)
+    n = len(chosen)
+    m = torch.tensor([0.0 if v is None else float(v) for v in (margins or [None] * n)], dtype=torch.float32)
+    return PackedBatch(input_ids, position_ids, cu, max_len, m, list(pair_ids if pair_ids is not None else range(n)),
+                       list(sources or ["default"] * n), list(categories or [None] * n))
+
+
+def packing_efficiency(bins: list[list[int]], sizes: Sequence[int], capacity: int) -> float:
+    """Real tokens / (number of non-empty bins * capacity)."""
+    used = [b for b in bins if b]
+    return sum(sizes[i] for b in used for i in b) / max(1, len(used) * capacity)

@@ -1,0 +1,281 @@
+"""Raw preference rows -> validated `Pair`s.
+
+Sources: local json / jsonl / parquet / arrow files or directories of them, or Hugging Face Hub dataset ids.
+Row formats (per source, or detected per row):
+  messages         chosen / rejected are whole message lists sharing the prompt turns (Skywork-80K schema)
+  strings          prompt / chosen / rejected are strings
+  prompt_messages  prompt is a message list, chosen / rejected are strings
+Bad rows are skipped and counted per reason and source, or raised (`strict`) with file, row and field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from btrm.config import SourceConfig
+from btrm.data.pairs import Pair
+
+SUFFIXES = {".json", ".jsonl", ".parquet", ".arrow"}
+ROLES = {"system", "user", "assistant", "tool"}
+
+
+class BadRow(ValueError):
+    """A raw row that cannot become a Pair. `reason` is the counted category, `field` the offending column."""
+
+    def __init__(self, reason: str, field: str, detail: str = "", origin: str = ""):
+        self.reason, self.field, self.detail, self.origin = reason, field, detail, origin
+        super().__init__(f"{origin}: field '{field}': {reason}" + (f" ({detail})" if detail else ""))
+
+
+@dataclass
+class DataReport:
+    """What happened to the raw rows: read, kept, skipped per reason and source, over-long handling."""
+
+    read: Counter = field(default_factory=Counter)  # source -> raw rows read
+    kept: Counter = field(default_factory=Counter)  # source -> pairs kept
+    skipped: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))  # source -> reason -> n
+    examples: dict[str, str] = field(default_factory=dict)  # reason -> first offending origin, for the log
+    overlong_dropped: Counter = field(default_factory=Counter)
+    overlong_truncated: Counter = field(default_factory=Counter)
+
+    def skip(self, source: str, err: BadRow) -> None:
+        self.skipped[source][err.reason] += 1
+        self.examples.setdefault(err.reason, str(err))
+
+    def skipped_by_reason(self) -> Counter:
+        total: Counter = Counter()
+        for c in self.skipped.values():
+            total.update(c)
+        return total
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "read": dict(self.read), "kept": dict(self.kept),
+            "skipped": {s: dict(c) for s, c in self.skipped.items() if c},
+            "overlong_dropped": dict(self.overlong_dropped), "overlong_truncated": dict(self.overlong_truncated),
+            "examples": dict(self.examples),
+        }
+
+    def summary(self) -> str:
+        lines = []
+        for src in sorted(self.read):
+            sk = self.skipped.get(src, Counter())
+            parts = [f"{src}: read {self.read[src]}, kept {self.kept[src]}"]
+            if sk:
+                parts.append("skipped " + ", ".join(f"{k}={v}" for k, v in sorted(sk.items())))
+            if self.overlong_dropped[src]:
+                parts.append(f"over-long dropped {self.overlong_dropped[src]}")
+            if self.overlong_truncated[src]:
+                parts.append(f"prompt-truncated {self.overlong_truncated[src]}")
+            lines.append("; ".join(parts))
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading raw rows
+
+
+def source_name(src: SourceConfig) -> str:
+    if src.name:
+        return src.name
+    p = Path(src.path)
+    return p.stem if p.exists() else src.path
+
+
+def source_files(src: SourceConfig) -> list[Path]:
+    """Local files of a source ([] for a Hub id)."""
+    p = Path(src.path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.suffix in SUFFIXES and f.is_file())
+        if src.split:  # prefer a split-named subset when present (train-*.parquet, .../train/...)
+            named = [f for f in files if src.split in f.stem.split("-")[0] or src.split in f.parent.name]
+            files = named or files
+        if not files:
+            raise FileNotFoundError(f"{p}: no {sorted(SUFFIXES)} files in directory")
+        return files
+    if p.suffix in SUFFIXES or str(src.path).startswith((".", "/")):
+        raise FileNotFoundError(f"data source not found: {src.path}")
+    return []
+
+
+def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                origin = f"{path}:{i}"
+                try:
+                    yield origin, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield origin, BadRow("bad_json", "<row>", str(e), origin)
+    elif path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict):  # {"data": [...]} or column-oriented
+            data = data.get("data", data.get("rows", data))
+        if isinstance(data, dict):
+            keys = list(data)
+            data = [dict(zip(keys, vals)) for vals in zip(*data.values())]
+        for i, row in enumerate(data):
+            yield f"{path}[{i}]", row
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        i = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                yield f"{path}:row {i}", row
+                i += 1
+    elif path.suffix == ".arrow":
+        from datasets import Dataset
+
+        for i, row in enumerate(Dataset.from_file(str(path))):
+            yield f"{path}:row {i}", row
+
+
+def iter_raw_rows(src: SourceConfig) -> Iterator[tuple[str, Any]]:
+    """(origin, raw row) pairs; origin names file and row (1-based line for jsonl, 0-based row otherwise)."""
+    files = source_files(src)
+    count = 0
+    if files:
+        for f in files:
+            for item in _iter_file(f):
+                if src.max_rows is not None and count >= src.max_rows:
+                    return
+                count += 1
+                yield item
+        return
+    from datasets import load_dataset  # Hub id
+
+    ds = load_dataset(src.path, split=src.split, streaming=True)
+    for i, row in enumerate(ds):
+        if src.max_rows is not None and i >= src.max_rows:
+            return
+        yield f"{src.path}[{src.split}]:row {i}", row
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Normalising and validating one row
+
+
+def _messages(value: Any, fld: str, origin: str) -> list[dict]:
+    if value is None:
+        raise BadRow("null_field", fld, "", origin)
+    if not isinstance(value, list) or not value:
+        raise BadRow("bad_messages", fld, f"expected a non-empty list of messages, got {type(value).__name__}", origin)
+    out = []
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise BadRow("bad_messages", f"{fld}[{j}]", "expected {role, content}", origin)
+        if m["role"] not in ROLES:
+            raise BadRow("unknown_role", f"{fld}[{j}].role", repr(m["role"]), origin)
+        if m["content"] is None:
+            raise BadRow("null_field", f"{fld}[{j}].content", "", origin)
+        if not isinstance(m["content"], str):
+            raise BadRow("non_string_content", f"{fld}[{j}].content", type(m["content"]).__name__, origin)
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _string(value: Any, fld: str, origin: str) -> str:
+    if value is None:
+        raise BadRow("null_field", fld, "", origin)
+    if not isinstance(value, str):
+        raise BadRow("non_string_content", fld, type(value).__name__, origin)
+    return value
+
+
+def detect_format(row: dict) -> str:
+    chosen, prompt = row.get("chosen"), row.get("prompt")
+    if isinstance(chosen, list):
+        return "messages"
+    if isinstance(prompt, list):
+        return "prompt_messages"
+    return "strings"
+
+
+def normalize_row(row: Any, src: SourceConfig, origin: str, name: str) -> Pair:
+    """One raw row -> a validated Pair, or BadRow naming the field."""
+    if isinstance(row, BadRow):
+        raise row
+    if not isinstance(row, dict):
+        raise BadRow("bad_row", "<row>", f"expected an object, got {type(row).__name__}", origin)
+    col = {k: src.columns.get(k, k) for k in ("prompt", "chosen", "rejected", "margin", "source", "category")}
+    for k in ("chosen", "rejected"):
+        if col[k] not in row:
+            raise BadRow("missing_field", col[k], "", origin)
+    get = {k: row.get(c) for k, c in col.items()}
+    fmt = src.format if src.format != "auto" else detect_format(get)
+    if fmt == "messages":
+        chosen = _messages(get["chosen"], col["chosen"], origin)
+        rejected = _messages(get["rejected"], col["rejected"], origin)
+    else:
+        if col["prompt"] not in row:
+            raise BadRow("missing_field", col["prompt"], "", origin)
+        if fmt == "strings":
+            prompt = [{"role": "user", "content": _string(get["prompt"], col["prompt"], origin)}]
+        else:
+            prompt = _messages(get["prompt"], col["prompt"], origin)
+        chosen = prompt + [{"role": "assistant", "content": _string(get["chosen"], col["chosen"], origin)}]
+        rejected = prompt + [{"role": "assistant", "content": _string(get["rejected"], col["rejected"], origin)}]
+    for fld, conv in ((col["chosen"], chosen), (col["rejected"], rejected)):
+        if conv[-1]["role"] != "assistant":
+            raise BadRow("last_not_assistant", fld, f"last role is {conv[-1]['role']!r}", origin)
+        if not conv[-1]["content"].strip():
+            raise BadRow("empty_response", fld, "", origin)
+    if chosen[:-1] != rejected[:-1]:
+        raise BadRow("prompt_mismatch", col["rejected"], "chosen and rejected have different prompt turns", origin)
+    if chosen[-1]["content"] == rejected[-1]["content"]:
+        raise BadRow("identical_responses", col["rejected"], "", origin)
+    margin = get["margin"]
+    if margin is not None:
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+            raise BadRow("bad_margin", col["margin"], repr(margin), origin)
+        margin = float(margin)
+    category = get["category"]
+    pair = Pair(chosen, rejected, margin, name, None if category is None else str(category), origin)
+    return pair.swapped() if src.swap else pair
+
+
+def iter_pairs(src: SourceConfig, report: DataReport, strict: bool = False) -> Iterator[Pair]:
+    name = source_name(src)
+    for origin, row in iter_raw_rows(src):
+        report.read[name] += 1
+        try:
+            pair = normalize_row(row, src, origin, name)
+        except BadRow as err:
+            if strict:
+                raise
+            report.skip(name, err)
+            continue
+        report.kept[name] += 1
+        yield pair
+
+
+def weighted_indices(n: int, weight: float, seed: int) -> list[int]:
+    """round(weight * n) row indices: whole repeats plus a seeded sample for the fractional part."""
+    whole, frac = int(weight), weight - int(weight)
+    idx = list(range(n)) * whole
+    extra = round(frac * n)
+    if extra:
+        idx += sorted(random.Random(seed).sample(range(n), extra))
+    return idx
+
+
+def load_pairs(sources: list[SourceConfig], report: DataReport, strict: bool = False, seed: int = 0) -> list[Pair]:
+    """All sources, validated, with per-source weights applied (repeat / subsample)."""
+    out: list[Pair] = []
+    for k, src in enumerate(sources):
+        pairs = list(iter_pairs(src, report, strict))
+        if src.weight != 1.0:
+            pairs = [pairs[i] for i in weighted_indices(len(pairs), src.weight, seed + k)]
+        out.extend(pairs)
+    return out

@@ -1,0 +1,219 @@
+"""Reward model = decoder + `score = Linear(hidden, 1, bias=False)` (HF *ForSequenceClassification layout).
+
+The packed forward runs the decoder once over a packed row (position_ids restarting per sequence, no attention
+mask) and applies the score head only at each sequence's end index.
+
+Attention backends for packed rows:
+- flash_attention_2: the flash-attn package's varlen kernel (CUDA, optional extra).
+- btrm_varlen: PyTorch's own `torch.nn.attention.varlen.varlen_attn` (CUDA, no extra package).
+- btrm_segment: per-segment SDPA (any device). Cost sum(s_i^2), not T^2: the CPU default.
+- sdpa / eager: transformers' own dense block mask derived from position_ids (cost T^2; reference path).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AutoConfig, AutoModelForSequenceClassification
+from transformers.masking_utils import AttentionMaskInterface
+
+from btrm.render import render_ids
+
+log = logging.getLogger(__name__)
+
+SEGMENT = "btrm_segment"
+VARLEN = "btrm_varlen"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Packed attention functions (registered with transformers' AttentionInterface)
+
+
+def _segments(kwargs, total: int) -> list[int]:
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        return [0, total]
+    return [int(x) for x in cu.tolist()]
+
+
+def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """query [1, Hq, T, D], key/value [1, Hkv, T, D] -> [1, T, Hq, D]; causal attention within each segment."""
+    if query.shape[0] != 1:
+        raise ValueError("btrm_segment attention expects one packed row (batch size 1)")
+    bounds = _segments(kwargs, query.shape[2])
+    gqa = query.shape[1] != key.shape[1]
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        outs.append(F.scaled_dot_product_attention(
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling,
+            dropout_p=dropout if module.training else 0.0, enable_gqa=gqa))
+    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """PyTorch's native varlen flash kernel over a packed row (CUDA)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    if query.shape[0] != 1:
+        raise ValueError("btrm_varlen attention expects one packed row (batch size 1)")
+    cu = kwargs.get("cu_seq_lens_q")
+    t = query.shape[2]
+    if cu is None:
+        cu = torch.tensor([0, t], dtype=torch.int32, device=query.device)
+        max_len = t
+    else:
+        cu = cu.to(device=query.device, dtype=torch.int32)
+        max_len = int(kwargs.get("max_length_q") or t)
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
+    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0),
+                      enable_gqa=q.shape[1] != k.shape[1])
+    return out[None], None
+
+
+def _no_mask(*args, **kwargs):
+    return None  # boundaries travel as cu_seq_lens_q; no dense mask is built
+
+
+AttentionInterface.register(SEGMENT, segment_attention)
+AttentionInterface.register(VARLEN, varlen_attention)
+AttentionMaskInterface.register(SEGMENT, _no_mask)
+AttentionMaskInterface.register(VARLEN, _no_mask)
+
+
+def resolve_attn_implementation(name: str, device: torch.device | str) -> str:
+    """Map the config's choice to a transformers attn_implementation name."""
+    cuda = torch.device(device).type == "cuda"
+    if name == "auto":
+        if cuda and importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+        return VARLEN if cuda else SEGMENT
+    if name == "varlen":
+        if not cuda:
+            raise ValueError("model.attn_implementation=varlen needs CUDA; use 'segment' on CPU")
+        return VARLEN
+    if name == "segment":
+        return SEGMENT
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("model.attn_implementation=flash_attention_2 needs the flash-attn package "
+                         "(pip install 'btrm[flash]'), or use 'varlen'")
+    return name
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pad token: HF pools the rightmost token != pad_token_id, so pad must never end a rendered conversation.
+
+_PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>", "<|endoftext|>", "<pad>")
+
+
+def ensure_pad_token(tokenizer, requested: str | None = None, chat_template_kwargs: dict | None = None) -> int:
+    """Set a pad token that is not the last token of a rendered conversation; returns its id. No vocab resize."""
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    last = render_ids(tokenizer, probe, chat_template_kwargs)[-1]
+    vocab = tokenizer.get_vocab()
+    if requested is not None:
+        if requested not in vocab:
+            raise ValueError(f"model.pad_token {requested!r} is not in the tokenizer's vocabulary")
+        tokenizer.pad_token = requested
+    elif tokenizer.pad_token is None or tokenizer.pad_token_id == last:
+        for cand in _PAD_CANDIDATES:
+            if cand in vocab and vocab[cand] != last:
+                tokenizer.pad_token = cand
+                break
+        else:
+            raise ValueError("tokenizer has no usable pad token; set model.pad_token to an unused special token")
+    check_pad_token(tokenizer.pad_token_id, last)
+    return tokenizer.pad_token_id
+
+
+def check_pad_token(pad_id: int | None, last_token_id: int) -> None:
+    if pad_id is None:
+        raise ValueError("pad_token_id is not set")
+    if pad_id == last_token_id:
+        raise ValueError(f"pad_token_id {pad_id} equals the token that ends a rendered conversation: "
+                         "HF pooling would read every reward one token early")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_reward_model(name_or_path: str, tokenizer, *, dtype: torch.dtype = torch.float32,
+                      attn_implementation: str = SEGMENT, trust_remote_code: bool = False,
+                      head_init_std: float | None = None, seed: int = 0, **hf_kwargs: Any):
+    """Load a base or a reward checkpoint as *ForSequenceClassification with one label.
+
+    A base without a `score` weight gets a fresh head N(0, std) drawn from `seed` on the whole (gathered)
+    parameter, identical on every rank, so ZeRO-3 shards never hold an independently drawn slice.
+    """
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    config.num_labels = 1
+    config.pad_token_id = tokenizer.pad_token_id
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        name_or_path, config=config, dtype=dtype, attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code, output_loading_info=True, **hf_kwargs)
+    head = model.score if hasattr(model, "score") else None
+    if head is None or not isinstance(head, torch.nn.Linear) or head.out_features != 1 or head.bias is not None:
+        raise ValueError(f"{type(model).__name__} has no `score = Linear(hidden, 1, bias=False)` head")
+    if any(k.endswith("score.weight") for k in info.get("missing_keys", [])):
+        std = head_init_std if head_init_std is not None else getattr(config, "initializer_range", 0.02)
+        init_score_head(head, std, seed)
+    return model
+
+
+def init_score_head(head: torch.nn.Linear, std: float, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with _gathered(head.weight):
+        w = torch.randn(head.weight.shape, generator=gen, dtype=torch.float32) * std
+        head.weight.data.copy_(w.to(head.weight.dtype))
+
+
+class _gathered:
+    """Context giving the full parameter under ZeRO-3 (modifications broadcast from rank 0), no-op otherwise."""
+
+    def __init__(self, param):
+        self.param = param
+        self.ctx = None
+
+    def __enter__(self):
+        if hasattr(self.param, "ds_id"):
+            import deepspeed
+
+            self.ctx = deepspeed.zero.GatheredParameters([self.param], modifier_rank=0)
+            self.ctx.__enter__()
+        return self.param
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            return self.ctx.__exit__(*exc)
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Packed forward
+
+
+def decoder_of(model):
+    return getattr(model, model.base_model_prefix)
+
+
+def packed_rewards(model, batch) -> torch.Tensor:
+    """Rewards [n_seq] (float32) for a PackedBatch: one decoder pass over the row, head at each end index."""
+    device = next(model.parameters()).device
+    out = decoder_of(model)(
+        input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device), attention_mask=None,
+        use_cache=False, cu_seq_lens_q=batch.cu_seqlens.to(device), cu_seq_lens_k=batch.cu_seqlens.to(device),
+        max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen)
+    hidden = out.last_hidden_state[0]  # [T, H]
+    ends = batch.ends.to(device)
+    return model.score(hidden.index_select(0, ends)).squeeze(-1).float()
