@@ -1,0 +1,69 @@
+"""Raw benchmark rows from local files (json / jsonl / parquet, a file or a directory of them) or the Hub.
+
+A directory means every such file inside it, recursively: give it one split only (a Hub snapshot of
+allenai/reward-bench holds both `raw` and `filtered`; point at the filtered file).
+
+Every record gets `_source`: the file's path relative to the given directory without its suffix (a single file:
+its stem; a Hub dataset: the name after the owner). Benchmarks split into several files (PPE Correctness, RMB)
+use it to name their parts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+SUFFIXES = (".json", ".jsonl", ".parquet")
+
+
+def read_records(source: str | None, hub: Sequence[tuple[str, str]]) -> list[dict]:
+    """Rows of `source` (a local path or a Hub id); `None` reads the benchmark's default Hub datasets."""
+    if source is None:
+        return [r for dataset_id, split in hub for r in _read_hub(dataset_id, split)]
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(  # hidden entries (.cache of a Hub download) are not data
+            p for p in path.rglob("*")
+            if p.is_file() and p.suffix in SUFFIXES and not any(x.startswith(".") for x in p.relative_to(path).parts)
+        )
+        if not files:
+            raise FileNotFoundError(f"{path}: no {'/'.join(SUFFIXES)} files inside")
+        return [r for f in files for r in _read_file(f, f.relative_to(path).with_suffix("").as_posix())]
+    if path.is_file():
+        return _read_file(path, path.stem)
+    if path.suffix in SUFFIXES or source.startswith((".", "/")) or source.count("/") != 1:
+        raise FileNotFoundError(f"{source}: no such file or directory (and not a Hub id 'owner/name')")
+    split = dict(hub).get(source, hub[0][1] if hub else "train")
+    return _read_hub(source, split)
+
+
+def _read_file(path: Path, source: str) -> list[dict]:
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+    elif path.suffix == ".jsonl":
+        rows = _read_jsonl(path)
+    else:
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:  # JSON lines saved as .json
+            rows = _read_jsonl(path)
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+    for r in rows:
+        r["_source"] = source
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _read_hub(dataset_id: str, split: str) -> list[dict]:
+    from datasets import load_dataset  # heavy; only when a Hub id is used
+
+    name = dataset_id.split("/")[-1]
+    return [dict(r, _source=name) for r in load_dataset(dataset_id, split=split)]
