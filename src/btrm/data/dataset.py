@@ -81,6 +81,16 @@ class TokenizedPairs:
             self._sizes = np.asarray(self.ds["num_tokens"], dtype=np.int64)
         return self._sizes
 
+    @property
+    def chosen_lengths(self) -> np.ndarray:
+        if not hasattr(self, "_chosen_len"):
+            self._chosen_len = np.asarray(self.ds["chosen_len"], dtype=np.int64)
+        return self._chosen_len
+
+    def seq_lengths(self, i: int) -> tuple[int, int]:
+        c = int(self.chosen_lengths[i])
+        return c, int(self.sizes[i]) - c
+
     def batch(self, indices: list[int]):
         """PackedBatch of these pairs, in this order."""
         rows = self.ds[indices] if indices else {k: [] for k in self.ds.column_names}
@@ -93,13 +103,14 @@ def _tokenize_batch(batch, tokenizer, kwargs, max_length, max_tokens, policy):
     texts_r = [render_text(tokenizer, json.loads(m), kwargs) for m in batch["rejected"]]
     ids_c, ids_r = tokenize_texts(tokenizer, texts_c), tokenize_texts(tokenizer, texts_r)
     bos = tokenizer.bos_token_id if tokenizer.bos_token else None
-    out = {"chosen_ids": [], "rejected_ids": [], "status": [], "num_tokens": []}
+    out = {"chosen_ids": [], "rejected_ids": [], "status": [], "num_tokens": [], "chosen_len": []}
     for c, r in zip(ids_c, ids_r):
         c2, r2, status = fit_pair(c, r, max_length, max_tokens, policy, bos)
         out["chosen_ids"].append(c2 or [])
         out["rejected_ids"].append(r2 or [])
         out["status"].append(status)
         out["num_tokens"].append(len(c2 or []) + len(r2 or []))
+        out["chosen_len"].append(len(c2 or []))
     return out
 
 

@@ -9,6 +9,7 @@ for each, and each sequence's end index, where its reward is read.
 from __future__ import annotations
 
 import bisect
+import heapq
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -44,6 +45,22 @@ def best_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def worst_fit_decreasing(sizes: Sequence[int], capacity: int, count: int) -> list[list[int]] | None:
+    """Spread items over exactly `count` bins, largest item to the least-loaded bin: balanced loads.
+
+    Returns None when an item fits in no bin (the least-loaded bin is the only candidate worth checking).
+    """
+    heap = [(0, b) for b in range(count)]
+    bins: list[list[int]] = [[] for _ in range(count)]
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        load, b = heapq.heappop(heap)
+        if load + sizes[i] > capacity:
+            return None
+        bins[b].append(i)
+        heapq.heappush(heap, (load + int(sizes[i]), b))
+    return bins
+
+
 def split_largest(bins: list[list[int]], sizes: Sequence[int], count: int) -> list[list[int]]:
     """Split bins (largest first, only bins with >= 2 items) until there are `count` bins, if possible."""
     bins = [list(b) for b in bins]
@@ -71,7 +88,8 @@ def assign_to_ranks(bins: list[list[int]], sizes: Sequence[int], world_size: int
     Bin counts that do not divide by `world_size` are first evened out by splitting the fullest bins; a rank
     gets an empty micro-step (an empty list) only when there are fewer pairs than needed to avoid it.
     """
-    steps = -(-len(bins) // world_size) if bins else 1
+    bins = [b for b in bins if b]
+    steps = max(1, -(-len(bins) // world_size))
     bins = split_largest(bins, sizes, steps * world_size)
     loads = [0] * world_size
     out: list[list[list[int]]] = [[] for _ in range(world_size)]
@@ -87,8 +105,16 @@ def assign_to_ranks(bins: list[list[int]], sizes: Sequence[int], world_size: int
 
 
 def plan_step(pair_sizes: Sequence[int], capacity: int, world_size: int) -> list[list[list[int]]]:
-    """Pack one step's pairs (given their chosen+rejected token counts) -> per rank, per micro-step, pair indices."""
-    return assign_to_ranks(best_fit_decreasing(pair_sizes, capacity), pair_sizes, world_size)
+    """Pack one step's pairs (given their chosen+rejected token counts) -> per rank, per micro-step, pair indices.
+
+    Best-fit decreasing finds how few bins suffice; rounded up to a multiple of the world size, the pairs are
+    then spread over exactly that many bins with balanced loads (so ranks finish their micro-steps together).
+    If balancing cannot place every pair, the best-fit bins are split to the needed count instead.
+    """
+    tight = best_fit_decreasing(pair_sizes, capacity)
+    count = max(1, -(-len(tight) // world_size)) * world_size
+    balanced = worst_fit_decreasing(pair_sizes, capacity, count)
+    return assign_to_ranks(balanced if balanced is not None else tight, pair_sizes, world_size)
 
 
 def pack_windows(pair_sizes: Sequence[int], capacity: int, window: int) -> list[list[int]]:

@@ -1,0 +1,1 @@
+"""Training: DeepSpeed config, loggers, checkpoints and the loop."""
