@@ -1,0 +1,74 @@
+"""Every bad-row kind: skipped and counted by default, raised with file/row/field under strict."""
+
+import json
+
+import pytest
+
+from btrm.config import SourceConfig
+from btrm.data.sources import BadRow, DataReport, load_pairs
+
+U = {"role": "user", "content": "hi"}
+
+
+def A(text):
+    return {"role": "assistant", "content": text}
+
+
+GOOD = {"chosen": [U, A("good")], "rejected": [U, A("bad")]}
+BAD_ROWS = {
+    "missing_field": ({"chosen": [U, A("x")]}, "rejected"),
+    "null_field": ({"chosen": [U, A("x")], "rejected": None}, "rejected"),
+    "empty_response": ({"chosen": [U, A("  ")], "rejected": [U, A("x")]}, "chosen"),
+    "non_string_content": ({"chosen": [U, A("x")], "rejected": [U, {"role": "assistant", "content": 3}]},
+                           "rejected[1].content"),
+    "unknown_role": ({"chosen": [{"role": "wizard", "content": "q"}, A("x")], "rejected": [U, A("y")]},
+                     "chosen[0].role"),
+    "last_not_assistant": ({"chosen": [U, A("x"), U], "rejected": [U, A("y"), U]}, "chosen"),
+    "identical_responses": ({"chosen": [U, A("same")], "rejected": [U, A("same")]}, "rejected"),
+    "prompt_mismatch": ({"chosen": [U, A("x")], "rejected": [{"role": "user", "content": "other"}, A("y")]},
+                        "rejected"),
+    "bad_margin": ({**GOOD, "margin": "big"}, "margin"),
+}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_ROWS) + ["bad_json"])
+def test_bad_row_skipped_and_counted(tmp_path, reason):
+    bad = "{not json" if reason == "bad_json" else BAD_ROWS[reason][0]
+    f = write_jsonl(tmp_path / "d.jsonl", [GOOD, bad, GOOD])
+    report = DataReport()
+    pairs = load_pairs([SourceConfig(path=str(f), name="s")], report)
+    assert len(pairs) == 2
+    assert report.skipped["s"] == {reason: 1}
+    assert report.read["s"] == 3 and report.kept["s"] == 2
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_ROWS) + ["bad_json"])
+def test_bad_row_strict_names_file_row_field(tmp_path, reason):
+    bad, field = ("{not json", "<row>") if reason == "bad_json" else BAD_ROWS[reason]
+    f = write_jsonl(tmp_path / "d.jsonl", [GOOD, bad])
+    with pytest.raises(BadRow) as e:
+        load_pairs([SourceConfig(path=str(f))], DataReport(), strict=True)
+    msg = str(e.value)
+    assert f"{f}:2" in msg and f"'{field}'" in msg and e.value.reason == reason
+
+
+def test_formats_columns_swap_weights(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"question": f"q{i}", "good": f"yes {i}", "bad": f"no {i}"} for i in range(4)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "s.parquet")
+    src = SourceConfig(path=str(tmp_path / "s.parquet"), columns={"prompt": "question", "chosen": "good",
+                                                                  "rejected": "bad"}, swap=True, weight=1.5)
+    pairs = load_pairs([src], DataReport(), seed=0)
+    assert len(pairs) == 6  # 4 + round(0.5 * 4)
+    p = pairs[0]
+    assert p.chosen == [{"role": "user", "content": "q0"}, {"role": "assistant", "content": "no 0"}]  # swapped
+    write_jsonl(tmp_path / "pm.jsonl", [{"prompt": [U], "chosen": "a", "rejected": "b", "category": "c"}])
+    (pm,) = load_pairs([SourceConfig(path=str(tmp_path / "pm.jsonl"))], DataReport())
+    assert pm.chosen == [U, A("a")] and pm.rejected == [U, A("b")] and pm.category == "c"
