@@ -1,0 +1,32 @@
+import glob
+import subprocess
+import sys
+
+import pytest
+
+from btrm.tiny import write_preference_jsonl
+
+from trainhelp import REPO, env, train, write_config
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_holds_metrics(tmp_path, tiny_llama_dir):
+    data = write_preference_jsonl(tmp_path / "pairs.jsonl", 80)
+    cfg = write_config(tmp_path, tiny_llama_dir, data, logging={"wandb": True, "project": "btrm-test",
+                                                                "tags": ["ci"], "progress": True},
+                       data={"eval_fraction": 0.2, "max_tokens": 512}, train={"max_steps": 3})
+    proc = train(cfg, 0)  # plain `python train.py`: one process, no launcher
+    runs = glob.glob(str(tmp_path / "out" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(runs) == 1, proc.stdout[-2000:]
+    blob = open(runs[0], "rb").read()
+    for key in (b"loss", b"accuracy", b"tokens_per_s", b"packing", b"eval/accuracy", b"grad_norm"):
+        assert key in blob, key
+    assert "reward model saved to" in proc.stdout
+
+
+def test_train_cli_rejects_unknown_key(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {name_or_path: x}\ndata: {sources: [{path: a.jsonl}]}\n")
+    p = subprocess.run([sys.executable, "train.py", "--config", str(cfg), "--optim.learning_rate=1"], cwd=REPO,
+                       env=env(), capture_output=True, text=True)
+    assert p.returncode == 2 and "optim.learning_rate" in p.stderr
