@@ -19,14 +19,14 @@ from trainhelp import REPO, env, launcher_cmd, metrics, train, write_config
 STEPS = 12
 
 
-def _config(tmp_path, model_dir, name, **extra):
+def _config(tmp_path, model_dir, name, checkpoint_every=4):
     d = tmp_path / name
     d.mkdir()
     data_file = write_preference_jsonl(tmp_path / "pairs.jsonl", 200, seed=1)
     return write_config(d, model_dir, data_file,
                         optim={"lr": 2e-3, "scheduler": "cosine", "warmup_steps": 2, "weight_decay": 0.01},
                         train={"max_steps": STEPS, "global_batch_pairs": 16},
-                        checkpoint={"every": 4, "keep_last": 5}, deepspeed={"zero_stage": 2}, **extra), d / "out"
+                        checkpoint={"every": checkpoint_every, "keep_last": 5}, deepspeed={"zero_stage": 2}), d / "out"
 
 
 @pytest.mark.slow
@@ -87,3 +87,20 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path, tiny_llama_dir):
     assert model.config.num_labels == 1
     train(cfg, 0, "--train.max_steps=8")  # resumes from checkpoint-4, cleans the partial write
     assert latest_checkpoint(out).name == "checkpoint-8" and not (out / ".checkpoint-8.tmp").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_step_saves_and_exits(tmp_path, tiny_llama_dir):
+    cfg, out = _config(tmp_path, tiny_llama_dir, "run", checkpoint_every=0)
+    proc = subprocess.Popen(launcher_cmd(cfg, 0, "--train.max_steps=100000"), cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, text[-3000:]
+    saved = latest_checkpoint(out)
+    assert saved is not None and f"stopped by signal at step {saved.name.split('-')[1]}" in text
+    assert int(saved.name.split("-")[1]) == max(metrics(out))  # the step it finished is the step it saved

@@ -165,6 +165,7 @@ class Trainer:
         if not self.is_main:
             self.data = prepare_data(cfg.data, self.tokenizer, cfg.train.seed)
         self._log_data_report(self.data)
+        self.data_metrics = _data_metrics(self.data.report)
         self.sampler = StepSampler(len(self.data.train), cfg.train.global_batch_pairs, cfg.train.seed,
                                    cfg.data.shuffle)
         spe = self.sampler.steps_per_epoch
@@ -194,9 +195,11 @@ class Trainer:
         optimizer = build_optimizer(cfg, wrapper, d.device)
         o = cfg.optim
         warmup = o.warmup_steps or round(o.warmup_ratio * self.total_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_factor(s, self.total_steps, warmup, o.scheduler, o.min_lr_ratio))
         import deepspeed
+
+        def sched(opt):  # built on DeepSpeed's wrapped optimizer, whose param groups ZeRO may rewrite
+            return torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: lr_factor(s, self.total_steps, warmup, o.scheduler, o.min_lr_ratio))
 
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=wrapper, optimizer=optimizer, lr_scheduler=sched, config=self.ds_config)
@@ -238,7 +241,7 @@ class Trainer:
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and not done:
                 metrics.update(self.evaluate())
             if self.step % cfg.logging.every == 0 or done:
-                self.logger.log(metrics, self.step)
+                self.logger.log({**metrics, **self.data_metrics}, self.step)
             stop = self._agree_to_stop()
             if (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) or stop:
                 last_saved = self.save()
@@ -347,6 +350,9 @@ class Trainer:
                 m[0] += a
                 m[1] += n
         out = {f"eval/{k}": v for k, v in total.items()}
+        # Length baseline on the same pairs: how often the longer response is the chosen one (ties count wrong).
+        c_len = ev.chosen_lengths
+        out["eval/longer_wins_accuracy"] = float((c_len > ev.sizes - c_len).mean())
         out.update({f"eval/accuracy/{k}": a / n for k, (a, n) in sorted(merged.items())})
         return out
 
@@ -410,6 +416,21 @@ class Trainer:
                 self._write(f"  {split} over-long pairs dropped: {json.dumps(r['overlong_dropped'])}")
             if r.get("overlong_truncated"):
                 self._write(f"  {split} over-long pairs prompt-truncated: {json.dumps(r['overlong_truncated'])}")
+
+
+def _data_metrics(report: dict) -> dict[str, float]:
+    """Constant per run, logged with every step: pairs used, invalid rows skipped by reason, over-long handling."""
+    out = {"data/train_pairs": report["train_pairs"], "data/eval_pairs": report["eval_pairs"]}
+    for split in ("train", "eval"):
+        r = report[split]
+        reasons: dict[str, int] = {}
+        for per_reason in r.get("skipped", {}).values():
+            for reason, n in per_reason.items():
+                reasons[reason] = reasons.get(reason, 0) + n
+        out.update({f"data/{split}_skipped/{k}": v for k, v in reasons.items()})
+        out[f"data/{split}_overlong_dropped"] = sum(r.get("overlong_dropped", {}).values())
+        out[f"data/{split}_overlong_truncated"] = sum(r.get("overlong_truncated", {}).values())
+    return out
 
 
 def _float(x) -> float:
