@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -390,8 +391,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, validate=False)
-    a, source = resolve_arch(cfg.model.name_or_path, args.arch)
+    try:
+        cfg = load_config(args.config, validate=False)
+    except ValueError as e:
+        print(f"btrm plan: {e}", file=sys.stderr)
+        return 2
+    try:
+        a, source = resolve_arch(cfg.model.name_or_path, args.arch)
+    except (ValueError, OSError) as e:  # AutoConfig could not read the model path (offline, typo)
+        print(f"btrm plan: cannot read the model shape of {cfg.model.name_or_path!r}: {e}\n"
+              f"pass --arch with one of: {', '.join(ARCHS)}", file=sys.stderr)
+        return 2
     r = plan(cfg, a, args.gpus, args.nodes, args.gpu_memory, args.tokens_per_sec_per_gpu, args.dataset_pairs,
              args.mean_pair_tokens)
     r["arch_source"] = source

@@ -17,7 +17,7 @@ import sys
 
 import yaml
 
-from btrm.config import DataConfig, SourceConfig, load_config
+from btrm.config import DataConfig, ModelConfig, SourceConfig, load_config
 from btrm.data import curate
 
 
@@ -53,24 +53,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (ValueError, OSError) as e:  # config errors, bad rows under --strict, missing files, Hub unreachable
+        print(f"btrm data {args.data_command}: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.config:
         cfg = load_config(args.config, validate=False)
-        sources, data, model = cfg.data.sources, cfg.data, cfg.model.name_or_path
+        sources, data, model = cfg.data.sources, cfg.data, cfg.model
         if not sources:
             print(f"{args.config}: data.sources is empty", file=sys.stderr)
             return 2
     else:
         sources = [SourceConfig(path=p, format=args.format, swap=args.swap) for p in args.source]
-        data, model = DataConfig(), ""
+        data, model = DataConfig(), ModelConfig()
     options = {}
     if args.data_command == "stats":
         from transformers import AutoTokenizer
 
-        name = args.tokenizer or model
+        name = args.tokenizer or model.name_or_path
         if not name:
             print("stats needs --tokenizer (or a --config with model.name_or_path)", file=sys.stderr)
             return 2
-        options = dict(tokenizer=AutoTokenizer.from_pretrained(name),
+        options = dict(tokenizer=AutoTokenizer.from_pretrained(name, trust_remote_code=model.trust_remote_code),
                        chat_template_kwargs=args.chat_template_kwargs or data.chat_template_kwargs,
                        max_length=args.max_length or data.max_length, max_tokens=args.max_tokens or data.max_tokens)
     elif args.data_command == "decontaminate":

@@ -57,7 +57,7 @@ class Tally:
         self.removed[pair.source][reason] += 1
 
     def report(self) -> dict[str, Any]:
-        sources = sorted(set(self.data.read) | set(self.removed))
+        sources = list(dict.fromkeys([*self.data.read, *self.removed]))  # in reading order
         removed = {s: dict(self.data.skipped.get(s, Counter()) + self.removed.get(s, Counter())) for s in sources}
         by_reason: Counter = Counter()
         for c in removed.values():
@@ -97,7 +97,7 @@ class PairWriter:
         if self.path.suffix not in OUTPUT_SUFFIXES:
             raise ValueError(f"--output must end in {' or '.join(OUTPUT_SUFFIXES)}: {self.path}")
         self.tmp = self.path.with_name(f".{self.path.name}.partial")
-        self.batch_rows, self.rows, self.count = batch_rows, [], 0
+        self.batch_rows, self.rows = batch_rows, []
         self._file = self._parquet = None
 
     def __enter__(self) -> "PairWriter":
@@ -114,7 +114,6 @@ class PairWriter:
         return self
 
     def write(self, pair: Pair) -> None:
-        self.count += 1
         row = pair_row(pair)
         if self._file is not None:  # jsonl: optional fields only when set
             self._file.write(json.dumps({k: v for k, v in row.items() if v is not None}, ensure_ascii=False) + "\n")
