@@ -75,7 +75,6 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (ROOT / "train.py").exists(), reason="train.py not written yet")
 @pytest.mark.parametrize("name", RELEASED)
 def test_recipe_trains_two_steps(name, tiny_models, tmp_path):
     data = write_preference_jsonl(tmp_path / "pairs.jsonl", 32, seed=0)

@@ -69,6 +69,8 @@ def test_formats_columns_swap_weights(tmp_path):
     assert len(pairs) == 6  # 4 + round(0.5 * 4)
     p = pairs[0]
     assert p.chosen == [{"role": "user", "content": "q0"}, {"role": "assistant", "content": "no 0"}]  # swapped
-    write_jsonl(tmp_path / "pm.jsonl", [{"prompt": [U], "chosen": "a", "rejected": "b", "category": "c"}])
-    (pm,) = load_pairs([SourceConfig(path=str(tmp_path / "pm.jsonl"))], DataReport())
+    write_jsonl(tmp_path / "pm.jsonl", [{"prompt": [U], "chosen": "a", "rejected": "b", "category": "c"},
+                                        {"prompt": [U], "chosen": "a", "rejected": "b", "source": "helpsteer"}])
+    pm, own = load_pairs([SourceConfig(path=str(tmp_path / "pm.jsonl"))], DataReport())
     assert pm.chosen == [U, A("a")] and pm.rejected == [U, A("b")] and pm.category == "c"
+    assert pm.source == "pm" and own.source == "helpsteer"  # a row's own source column wins over the file name

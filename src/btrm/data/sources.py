@@ -240,8 +240,9 @@ def normalize_row(row: Any, src: SourceConfig, origin: str, name: str) -> Pair:
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
             raise BadRow("bad_margin", col["margin"], repr(margin), origin)
         margin = float(margin)
-    category = get["category"]
-    pair = Pair(chosen, rejected, margin, name, None if category is None else str(category), origin)
+    category, row_source = get["category"], get["source"]
+    source = row_source if isinstance(row_source, str) and row_source else name  # a row's own source column wins
+    pair = Pair(chosen, rejected, margin, source, None if category is None else str(category), origin)
     return pair.swapped() if src.swap else pair
 
 
