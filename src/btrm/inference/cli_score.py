@@ -1,0 +1,219 @@
+"""`btrm score`: rewards for a file of conversations or preference pairs, streamed and resumable.
+
+Input rows (jsonl, or any file the trainer reads: json / parquet / arrow):
+  conversation  {"messages": [...]} or {"conversation": [...]}  -> {"row", "id"?, "reward"}
+  pair          any row format the trainer accepts             -> {"row", "id"?, "chosen", "rejected", "preferred"}
+One output line per input row (blank lines are not rows), in order; `row` is the 0-based input row, `id` is copied
+when the input has one. With --skip-bad a bad row gets {"row", "error"} instead, so counts stay aligned. An existing
+output is resumed: its rows are skipped in the input (by count) and the file is appended to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from btrm.config import SourceConfig
+from btrm.data.sources import BadRow, _messages as validate_messages, iter_raw_rows, normalize_row
+from btrm.inference.scorer import RewardModel, pair_scores
+
+CONVERSATION_KEYS = ("messages", "conversation")
+
+
+class Stop(Exception):
+    """Ends the run with a message and exit status 2 (rows scored so far are kept in the output)."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint dir or Hub id (one-label *ForSequenceClassification)")
+    p.add_argument("--input", required=True, help="jsonl (or json / parquet / arrow) of conversations or pairs")
+    p.add_argument("--output", required=True, help="jsonl of rewards; resumed if it exists (see --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="start the output afresh instead of resuming")
+    p.add_argument("--batch-tokens", type=int, default=16384, help="tokens per packed forward")
+    p.add_argument("--chunk-rows", type=int, default=4096, help="rows read, scored and written at a time")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
+    p.add_argument("--attn-implementation", default="auto", help="auto, segment, varlen, flash_attention_2, sdpa")
+    p.add_argument("--max-length", type=int, default=None, help="longest conversation in tokens "
+                   "(default: the checkpoint's btrm_meta.json, else min(max_position_embeddings, 16384))")
+    p.add_argument("--truncation", choices=["error", "left"], default="error",
+                   help="over-long conversations: error, or cut the prompt from the left (the last turn stays whole)")
+    p.add_argument("--chat-template-kwargs", type=json.loads, default=None,
+                   help='JSON, e.g. \'{"date_string": "26 Jul 2024"}\' (default: the checkpoint\'s btrm_meta.json)')
+    p.add_argument("--skip-bad", action="store_true", help="write {row, error} for bad rows instead of stopping")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+@dataclass
+class Tally:
+    rows: int = 0
+    conversations: int = 0
+    pairs: int = 0
+    correct: int = 0  # chosen scored above rejected
+    ties: int = 0
+    bad: int = 0
+    bad_examples: list[str] = field(default_factory=list)
+
+    def add(self, rec: dict[str, Any]) -> None:
+        self.rows += 1
+        if "error" in rec:
+            self.bad += 1
+            if len(self.bad_examples) < 3:
+                self.bad_examples.append(rec["error"])
+        elif "reward" in rec:
+            self.conversations += 1
+        else:
+            self.pairs += 1
+            self.correct += rec["preferred"] == "chosen"
+            self.ties += rec["preferred"] == "tie"
+
+    def report(self) -> str:
+        lines = [f"rows: {self.rows} (conversations {self.conversations}, pairs {self.pairs}, bad {self.bad})"]
+        if self.pairs:
+            lines.append(f"pair accuracy: {self.correct / self.pairs:.4f} ({self.correct}/{self.pairs} chosen > "
+                         f"rejected; ties {self.ties})")
+        lines += [f"  bad row: {e}" for e in self.bad_examples]
+        return "\n".join(lines)
+
+
+def read_done(path: Path, tally: Tally) -> int:
+    """Rows already in an output file (a torn last line is cut off); tallies them for the final accuracy."""
+    if not path.exists():
+        return 0
+    with path.open("rb+") as f:
+        data = f.read()
+        keep = data.rfind(b"\n") + 1
+        if keep < len(data):  # interrupted mid-line
+            f.truncate(keep)
+    for k, line in enumerate(data[:keep].splitlines()):
+        rec = json.loads(line)
+        if rec.get("row") != k:
+            raise Stop(f"{path} line {k + 1} has row {rec.get('row')!r}, expected {k}: not an output of "
+                       "`btrm score`; use --overwrite or another --output")
+        tally.add(rec)
+    return tally.rows
+
+
+def parse_row(raw: Any, origin: str, name: str) -> tuple[str, Any]:
+    """("conversation", messages) or ("pair", Pair); BadRow naming the field otherwise."""
+    if isinstance(raw, BadRow):
+        raise raw
+    if not isinstance(raw, dict):
+        raise BadRow("bad_row", "<row>", f"expected an object, got {type(raw).__name__}", origin)
+    for key in CONVERSATION_KEYS:
+        if key in raw:
+            return "conversation", validate_messages(raw[key], key, origin)
+    if "chosen" not in raw:
+        raise BadRow("missing_field", "messages", "expected 'messages' / 'conversation' (a conversation) or "
+                     "'chosen' and 'rejected' (a preference pair)", origin)
+    return "pair", normalize_row(raw, SourceConfig(), origin, name)
+
+
+class ChunkScorer:
+    """Scores a chunk of parsed rows together (one packing over all their conversations) and writes it."""
+
+    def __init__(self, rm, out, tally: Tally, args):
+        self.rm, self.out, self.tally, self.args = rm, out, tally, args
+
+    def __call__(self, rows: list[tuple[int, str, str, Any, Any]]) -> None:
+        """rows: (row index, origin, kind, conversation(s), id); kind "bad" carries the error message."""
+        convs, owner, fields = [], [], []
+        for k, (_, _, kind, item, _) in enumerate(rows):
+            if kind == "conversation":
+                convs.append(item)
+                owner.append(k)
+                fields.append("messages")
+            elif kind == "pair":
+                convs += [item.chosen, item.rejected]
+                owner += [k, k]
+                fields += ["chosen", "rejected"]
+        encoded = self.rm.encode_each(convs)
+        errors: dict[int, str] = {}
+        for k, fld, ids in zip(owner, fields, encoded):
+            if not isinstance(ids, list) and k not in errors:
+                msg = (f"{rows[k][1]}: field '{fld}': {ids.length} tokens > max length {ids.max_length} ("
+                       + (ids.why or "--truncation left cuts the prompt from the left") + ")")
+                if not self.args.skip_bad:
+                    if k:  # score the rows before it, so a resume starts at the bad row
+                        self(rows[:k])
+                    raise Stop(f"{msg} (or pass --skip-bad)")
+                errors[k] = msg
+        keep = [i for i, k in enumerate(owner) if k not in errors]
+        rewards = dict(zip(keep, self.rm.score_ids([encoded[i] for i in keep], self.args.batch_tokens)))
+        by_row: dict[int, list[float]] = {}
+        for i, k in enumerate(owner):
+            if i in rewards:
+                by_row.setdefault(k, []).append(rewards[i])
+        self.write(rows, by_row, errors)
+
+    def write(self, rows, by_row: dict[int, list[float]], errors: dict[int, str]) -> None:
+        for k, (row, _, kind, item, row_id) in enumerate(rows):
+            rec: dict[str, Any] = {"row": row}
+            if row_id is not None:
+                rec["id"] = row_id
+            if kind == "bad":
+                rec["error"] = item
+            elif k in errors:
+                rec["error"] = errors[k]
+            elif kind == "conversation":
+                rec["reward"] = by_row[k][0]
+            else:
+                rec.update(pair_scores([by_row[k][0]], [by_row[k][1]])[0].as_dict())
+            self.out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            self.tally.add(rec)
+        self.out.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return score_file(args)
+    except Stop as e:
+        print(f"btrm score: error: {e}", file=sys.stderr)
+        return 2
+
+
+def score_file(args: argparse.Namespace) -> int:
+    out_path = Path(args.output)
+    if args.overwrite and out_path.exists():
+        out_path.unlink()
+    tally = Tally()
+    done = read_done(out_path, tally)
+    if done:
+        print(f"btrm score: resuming {out_path}: {done} rows already scored", file=sys.stderr)
+    rm = RewardModel.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                     attn_implementation=args.attn_implementation, max_length=args.max_length,
+                                     chat_template_kwargs=args.chat_template_kwargs, batch_tokens=args.batch_tokens,
+                                     truncation=args.truncation, trust_remote_code=args.trust_remote_code)
+    name = Path(args.input).stem
+    t0, new_rows = time.perf_counter(), 0
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with out_path.open("a", encoding="utf-8") as out:
+        score_chunk = ChunkScorer(rm, out, tally, args)
+        chunk: list[tuple[int, str, str, Any, Any]] = []
+        for row, (origin, raw) in enumerate(iter_raw_rows(SourceConfig(path=args.input))):
+            if row < done:
+                continue
+            row_id = raw.get("id") if isinstance(raw, dict) else None
+            try:
+                kind, item = parse_row(raw, origin, name)
+            except BadRow as e:
+                if not args.skip_bad:
+                    score_chunk(chunk)
+                    raise Stop(f"{e} (or pass --skip-bad)") from None
+                kind, item = "bad", str(e)
+            chunk.append((row, origin, kind, item, row_id))
+            new_rows += 1
+            if len(chunk) >= args.chunk_rows:
+                score_chunk(chunk)
+                chunk = []
+        if chunk:
+            score_chunk(chunk)
+    dt = time.perf_counter() - t0
+    print(f"btrm score: wrote {new_rows} rows to {out_path} in {dt:.1f}s ({new_rows / max(dt, 1e-9):.1f} rows/s)")
+    print(tally.report())
+    return 0

@@ -1,0 +1,104 @@
+"""`btrm score`: conversations and pairs, resume, accuracy, bad rows."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from infhelp import make_conversations
+
+from btrm.cli import main
+from btrm.inference.scorer import RewardModel
+from btrm.tiny import make_preference_rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def score(model, inp, out, *extra):
+    return main(["score", "--model", str(model), "--input", str(inp), "--output", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def local(rm_dirs):
+    return RewardModel.from_pretrained(rm_dirs["qwen3"])
+
+
+def test_conversations_and_resume(rm_dirs, local, tmp_path, capsys):
+    convs = make_conversations(23, seed=21, max_words=50)
+    rows = [{"id": f"c{i}", "messages" if i % 2 else "conversation": c} for i, c in enumerate(convs)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    with inp.open("a") as f:
+        f.write("\n")  # a blank line is not a row
+    out = tmp_path / "out.jsonl"
+    assert score(rm_dirs["qwen3"], inp, out, "--chunk-rows", "5") == 0
+    first = read_jsonl(out)
+    assert [r["row"] for r in first] == list(range(23)) and [r["id"] for r in first] == [r["id"] for r in rows]
+    assert [r["reward"] for r in first] == pytest.approx(local.score(convs), abs=1e-5)
+    assert "conversations 23" in capsys.readouterr().out
+
+    # interrupted run: 9 whole lines and a torn tenth -> resumed to the same file
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:9]) + lines[9][:7])
+    assert score(rm_dirs["qwen3"], inp, out, "--chunk-rows", "4") == 0
+    again = read_jsonl(out)
+    assert [r["row"] for r in again] == list(range(23))
+    assert [r["reward"] for r in again] == pytest.approx([r["reward"] for r in first], abs=1e-5)
+    captured = capsys.readouterr()
+    assert "9 rows already scored" in captured.err and "wrote 14 rows" in captured.out
+    # complete output: nothing to do
+    assert score(rm_dirs["qwen3"], inp, out) == 0
+    assert len(read_jsonl(out)) == 23 and "wrote 0 rows" in capsys.readouterr().out
+
+
+def test_pairs_accuracy(rm_dirs, local, tmp_path, capsys):
+    rows = make_preference_rows(12, seed=3)
+    rows[4] = {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5", "id": 99}  # another trainer format
+    inp = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "scores.jsonl"
+    assert score(rm_dirs["qwen3"], inp, out) == 0
+    got = read_jsonl(out)
+    assert got[4]["id"] == 99
+    chosen = [r["chosen"] if isinstance(r["chosen"], list) else
+              [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["chosen"]}] for r in rows]
+    rejected = [r["rejected"] if isinstance(r["rejected"], list) else
+                [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["rejected"]}]
+                for r in rows]
+    want = local.score_pairs(chosen, rejected)
+    assert [g["chosen"] for g in got] == pytest.approx([w.chosen for w in want], abs=1e-5)
+    assert [g["rejected"] for g in got] == pytest.approx([w.rejected for w in want], abs=1e-5)
+    correct = sum(w.chosen > w.rejected for w in want)
+    assert f"pair accuracy: {correct / 12:.4f} ({correct}/12" in capsys.readouterr().out
+
+
+def test_bad_rows_name_file_line_and_field(rm_dirs, tmp_path, capsys):
+    rows = make_preference_rows(4)
+    rows[2]["rejected"][1]["content"] = None
+    inp = write_jsonl(tmp_path / "bad.jsonl", rows)
+    out = tmp_path / "o.jsonl"
+    assert score(rm_dirs["qwen3"], inp, out) == 2
+    err = capsys.readouterr().err
+    assert f"{inp}:3: field 'rejected[1].content': null_field" in err
+    assert len(read_jsonl(out)) == 2  # rows before the bad one are kept, so a resume starts at it
+    assert score(rm_dirs["qwen3"], inp, out, "--skip-bad") == 0
+    got = read_jsonl(out)
+    assert [("error" in r) for r in got] == [False, False, True, False]
+    assert "bad 1" in capsys.readouterr().out
+
+
+def test_overlong_row(rm_dirs, tmp_path, capsys):
+    rows = [{"messages": c} for c in make_conversations(3, seed=5, max_words=20)]
+    rows.append({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "the ocean " * 200}]})
+    inp = write_jsonl(tmp_path / "long.jsonl", rows)
+    out = tmp_path / "o.jsonl"
+    assert score(rm_dirs["qwen3"], inp, out, "--max-length", "100") == 2
+    assert re.search(rf"{re.escape(str(inp))}:4: field 'messages': \d+ tokens > max length 100", capsys.readouterr().err)
+    assert score(rm_dirs["qwen3"], inp, out, "--max-length", "100", "--skip-bad") == 0
+    assert "error" in read_jsonl(out)[3] and len(read_jsonl(out)) == 4
