@@ -14,9 +14,12 @@ import argparse
 import json
 import sys
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from btrm.config import SourceConfig
 from btrm.data.sources import BadRow, _messages as validate_messages, iter_raw_rows, normalize_row
@@ -117,8 +120,8 @@ def parse_row(raw: Any, origin: str, name: str) -> tuple[str, Any]:
 class ChunkScorer:
     """Scores a chunk of parsed rows together (one packing over all their conversations) and writes it."""
 
-    def __init__(self, rm, out, tally: Tally, args):
-        self.rm, self.out, self.tally, self.args = rm, out, tally, args
+    def __init__(self, rm, out, tally: Tally, args, bar=None):
+        self.rm, self.out, self.tally, self.args, self.bar = rm, out, tally, args, bar
 
     def __call__(self, rows: list[tuple[int, str, str, Any, Any]]) -> None:
         """rows: (row index, origin, kind, conversation(s), id); kind "bad" carries the error message."""
@@ -144,12 +147,13 @@ class ChunkScorer:
                     raise Stop(f"{msg} (or pass --skip-bad)")
                 errors[k] = msg
         keep = [i for i, k in enumerate(owner) if k not in errors]
-        rewards = dict(zip(keep, self.rm.score_ids([encoded[i] for i in keep], self.args.batch_tokens)))
-        by_row: dict[int, list[float]] = {}
-        for i, k in enumerate(owner):
-            if i in rewards:
-                by_row.setdefault(k, []).append(rewards[i])
+        rewards = self.rm.score_ids([encoded[i] for i in keep], self.args.batch_tokens, progress=False)
+        by_row: dict[int, list[float]] = defaultdict(list)  # row -> [reward] or [chosen, rejected]
+        for i, r in zip(keep, rewards):
+            by_row[owner[i]].append(r)
         self.write(rows, by_row, errors)
+        if self.bar is not None:
+            self.bar.update(len(rows))
 
     def write(self, rows, by_row: dict[int, list[float]], errors: dict[int, str]) -> None:
         for k, (row, _, kind, item, row_id) in enumerate(rows):
@@ -192,8 +196,8 @@ def score_file(args: argparse.Namespace) -> int:
     name = Path(args.input).stem
     t0, new_rows = time.perf_counter(), 0
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with out_path.open("a", encoding="utf-8") as out:
-        score_chunk = ChunkScorer(rm, out, tally, args)
+    with out_path.open("a", encoding="utf-8") as out, tqdm(desc="scoring", unit="row", initial=done) as bar:
+        score_chunk = ChunkScorer(rm, out, tally, args, bar)
         chunk: list[tuple[int, str, str, Any, Any]] = []
         for row, (origin, raw) in enumerate(iter_raw_rows(SourceConfig(path=args.input))):
             if row < done:

@@ -129,8 +129,8 @@ class RemoteScorer:
                     if bar is not None:
                         bar.update(len(rewards))
         finally:
-            abort.set()
-            pool.shutdown(wait=True, cancel_futures=True)
+            abort.set()  # queued batches are cancelled; running ones stop after their current request
+            pool.shutdown(wait=False, cancel_futures=True)
             if bar is not None:
                 bar.close()
         return out

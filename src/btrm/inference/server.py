@@ -253,6 +253,7 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         try:
             if path not in ("/classify", "/pooling"):
+                self.close_connection = True  # the body stays unread
                 raise ClientError(404, f"no route POST {path}; use /classify or /pooling")
             body = self._read_json()
             if path == "/classify":
