@@ -67,6 +67,7 @@ def test_health_and_info(servers):
     ("/classify", {"text": ["the ocean " * 400]}, 400, "text[0] has"),
     ("/pooling", {"input": [{"role": "user"}]}, 400, "'input[0]' must be a string"),
     ("/pooling", {"text": ["x"]}, 400, "missing field 'input'"),
+    ("/pooling", {"input": ["the ocean " * 400]}, 400, "input[0] has"),
     ("/generate", {"text": ["x"]}, 404, "no route"),
 ])
 def test_bad_requests_get_4xx_with_a_message(servers, path, body, status, message):

@@ -166,7 +166,7 @@ class RewardServer(ThreadingHTTPServer):
     def ready(self, rm, batcher: Batcher) -> None:
         self.rm, self.batcher = rm, batcher
 
-    def rewards(self, texts: list[str]) -> tuple[list[float], list[int]]:
+    def rewards(self, texts: list[str], key: str) -> tuple[list[float], list[int]]:
         """Rewards and token counts of templated strings; ClientError on empty / over-long texts."""
         from btrm.inference.scorer import OverlongError
 
@@ -176,11 +176,11 @@ class RewardServer(ThreadingHTTPServer):
             try:
                 seqs = self.rm.encode_texts(texts)
             except OverlongError as e:
-                raise ClientError(400, f"text[{e.index}] has {e.length} tokens, more than the server's "
+                raise ClientError(400, f"{key}[{e.index}] has {e.length} tokens, more than the server's "
                                        f"max length {e.max_length}") from None
         for i, s in enumerate(seqs):
             if not s:
-                raise ClientError(400, f"text[{i}] is empty (no tokens)")
+                raise ClientError(400, f"{key}[{i}] is empty (no tokens)")
         return self.batcher.submit(seqs, self.limits.request_timeout), [len(s) for s in seqs]
 
 
@@ -304,14 +304,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def _classify(self, body: Any) -> None:
         texts, single = _texts(body, "text", self.server.limits.max_texts)
-        rewards, ntok = self.server.rewards(texts)
+        rewards, ntok = self.server.rewards(texts, "text")
         out = [{"embedding": [r], "meta_info": {"id": uuid.uuid4().hex, "prompt_tokens": n}}
                for r, n in zip(rewards, ntok)]
         self._send(200, out[0] if single else out)  # SGLang answers a single string with a single object
 
     def _pooling(self, body: Any) -> None:
         texts, _ = _texts(body, "input", self.server.limits.max_texts)
-        rewards, ntok = self.server.rewards(texts)
+        rewards, ntok = self.server.rewards(texts, "input")
         total = sum(ntok)
         self._send(200, {
             "id": f"pool-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
