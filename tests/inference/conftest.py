@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from infhelp import SERVER_ARGS, start_server, stop_server, wait_healthy
 
 from btrm.tiny import build_tiny_model, build_tokenizer
 
@@ -71,14 +72,9 @@ def rm_dirs(tmp_path_factory):
     return dirs
 
 
-SERVER_ARGS = ("--max-length", "512", "--max-texts", "64", "--max-body-bytes", "200000", "--max-batch-tokens", "1024")
-
-
 @pytest.fixture(scope="session")
 def servers(rm_dirs):
     """Three `btrm serve` processes on the llama3 checkpoint: "a", "b" and "spare" (a test may kill the spare)."""
-    from infhelp import start_server, stop_server, wait_healthy
-
     procs = {}
     try:
         for name in ("a", "b", "spare"):  # start all, then wait: the model loads run side by side

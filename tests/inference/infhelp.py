@@ -42,6 +42,10 @@ def hf_reward(model, tokenizer, conversation) -> float:
 # `btrm serve` subprocesses
 
 
+# limits the request-validation tests rely on
+SERVER_ARGS = ("--max-length", "512", "--max-texts", "64", "--max-body-bytes", "200000", "--max-batch-tokens", "1024")
+
+
 def start_server(model_dir, *extra: str):
     """Popen a `btrm serve` on a free loopback port; returns (process, base url) without waiting for the model."""
     import os

@@ -10,8 +10,7 @@ import time
 import urllib.parse
 
 import pytest
-from conftest import SERVER_ARGS
-from infhelp import get_json, make_conversations, post, start_server, stop_server, wait_healthy
+from infhelp import SERVER_ARGS, get_json, make_conversations, post, start_server, stop_server, wait_healthy
 
 from btrm.inference.scorer import RewardModel
 from btrm.inference.server import Batcher
