@@ -104,10 +104,19 @@ def resolve_attn_implementation(name: str, device: torch.device | str) -> str:
     return name
 
 
-def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+           "float": torch.float32}
+
+
+def resolve_dtype(name: str | torch.dtype, device: torch.device | str) -> torch.dtype:
+    """auto = bf16 on CUDA, fp32 elsewhere; also bf16/bfloat16, fp32/float32 or a torch.dtype."""
+    if isinstance(name, torch.dtype):
+        return name
     if name == "auto":
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {name!r}: expected 'auto', 'bf16', 'fp32' or a torch.dtype")
+    return _DTYPES[name]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -166,7 +166,8 @@ def iter_raw_rows(src: SourceConfig) -> Iterator[tuple[str, Any]]:
 # Normalising and validating one row
 
 
-def _messages(value: Any, fld: str, origin: str) -> list[dict]:
+def validate_messages(value: Any, fld: str, origin: str) -> list[dict]:
+    """A message list checked role by role; BadRow names the offending field."""
     if value is None:
         raise BadRow("null_field", fld, "", origin)
     if not isinstance(value, list) or not value:
@@ -215,15 +216,15 @@ def normalize_row(row: Any, src: SourceConfig, origin: str, name: str) -> Pair:
     get = {k: row.get(c) for k, c in col.items()}
     fmt = src.format if src.format != "auto" else detect_format(get)
     if fmt == "messages":
-        chosen = _messages(get["chosen"], col["chosen"], origin)
-        rejected = _messages(get["rejected"], col["rejected"], origin)
+        chosen = validate_messages(get["chosen"], col["chosen"], origin)
+        rejected = validate_messages(get["rejected"], col["rejected"], origin)
     else:
         if col["prompt"] not in row:
             raise BadRow("missing_field", col["prompt"], "", origin)
         if fmt == "strings":
             prompt = [{"role": "user", "content": _string(get["prompt"], col["prompt"], origin)}]
         else:
-            prompt = _messages(get["prompt"], col["prompt"], origin)
+            prompt = validate_messages(get["prompt"], col["prompt"], origin)
         chosen = prompt + [{"role": "assistant", "content": _string(get["chosen"], col["chosen"], origin)}]
         rejected = prompt + [{"role": "assistant", "content": _string(get["rejected"], col["rejected"], origin)}]
     for fld, conv in ((col["chosen"], chosen), (col["rejected"], rejected)):

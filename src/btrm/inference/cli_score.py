@@ -22,7 +22,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from btrm.config import SourceConfig
-from btrm.data.sources import BadRow, _messages as validate_messages, iter_raw_rows, normalize_row
+from btrm.data.sources import BadRow, iter_raw_rows, normalize_row, validate_messages
 from btrm.inference.scorer import RewardModel, pair_scores
 
 CONVERSATION_KEYS = ("messages", "conversation")

@@ -62,16 +62,6 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
 
 
-def _dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    aliases = {"bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
-    try:
-        return resolve_dtype(aliases.get(dtype, dtype), device)
-    except KeyError:
-        raise ValueError(f"dtype {dtype!r}: expected 'auto', 'bf16', 'fp32' or a torch.dtype") from None
-
-
 class RewardModel:
     """A loaded reward model and its tokenizer. Build with `from_pretrained`."""
 
@@ -112,7 +102,7 @@ class RewardModel:
         # silently getting a fresh head.
         config.num_labels = 1
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=_dtype(dtype, device), device_map={"": device},  # straight onto the device
+            path, config=config, dtype=resolve_dtype(dtype, device), device_map={"": device},  # straight onto the device
             attn_implementation=resolve_attn_implementation(attn_implementation, device),
             trust_remote_code=trust_remote_code, use_safetensors=True, output_loading_info=True)
         missing = list(info.get("missing_keys") or [])
