@@ -317,8 +317,9 @@ def build_tiny_model(
 #   tiny-temperature  says "hot"/"cold" correctly for a thing (a small fact table joined with the answer)
 #   tiny-tone         polite rather than rude (a bag-of-words signal)
 # Chosen and rejected bodies are sampled independently from the same pools, so length says nothing about the
-# label. Measured: a 2-layer, 64-wide model reaches ~1.0 held-out pair accuracy in under 200 steps of 32 pairs
-# at lr 1e-3; harder kinds tried (single-digit sums, a 14-entry colour table) stayed near chance in that budget.
+# label (longer-wins ~0.52 in characters and in tokens). Measured with the default tiny models, AdamW lr 1e-3,
+# 32 pairs a step, fp32 CPU: held-out pair accuracy >= 0.99 after 200 steps for Llama seeds 0-9 and Qwen3 seeds
+# 0-3. Harder kinds tried (single-digit sums, a 14-entry colour table) stayed near chance in that budget.
 
 _WORDS = {
     "topics": [
@@ -349,10 +350,14 @@ _WORDS = {
         "First, read it once more.", "Start with the main idea.", "Then check each step.",
         "Keep it short and clear.", "Write down what you need.", "Take a break if it gets hard.",
     ],
-    "hot_things": ["fire", "the sun", "fresh coffee", "a stove", "lava", "soup", "the desert", "a toaster"],
-    "cold_things": ["ice", "snow", "winter", "the fridge", "a glacier", "ice cream", "the north pole", "frost"],
-    "temperature_templates": ["{x} is {w}.", "It is {w}.", "I would say {x} is {w}.", "{w}, of course.",
-                              "Usually {x} is quite {w}."],
+    # Two temperature words per answer give a dense cue on the answer side. With one word the (thing x answer)
+    # table was found after 75 to >200 steps depending on the seed; with two, Llama needs 50-175, Qwen3 25-100.
+    "hot_things": ["fire", "the sun", "fresh coffee", "lava", "a stove"],
+    "cold_things": ["ice", "snow", "a glacier", "ice cream", "the fridge"],
+    "hot_words": ["hot", "warm", "burning", "scorching"],
+    "cold_words": ["cold", "icy", "freezing", "chilly"],
+    "temperature_templates": ["{x} is {w} and {v}.", "I would say {x} is {w}, even {v}.", "{x} feels {w}, really {v}.",
+                              "Usually {x} is {w} and {v}.", "Well, {x} is {w}. Very {v}."],
 }
 
 
@@ -382,10 +387,11 @@ def _temperature_pair(rng: random.Random) -> tuple[str, str, str]:
     thing = rng.choice(_WORDS["hot_things"] if hot else _WORDS["cold_things"])
     user = rng.choice(["Is {x} hot or cold?", "Would {x} feel hot or cold?", "Tell me, is {x} hot or cold?"])
 
-    def body(word: str) -> str:
-        return _capitalize(rng.choice(_WORDS["temperature_templates"]).format(x=thing, w=word))
+    def body(words: list[str]) -> str:
+        w, v = rng.sample(words, 2)
+        return _capitalize(rng.choice(_WORDS["temperature_templates"]).format(x=thing, w=w, v=v))
 
-    right, wrong = ("hot", "cold") if hot else ("cold", "hot")
+    right, wrong = (_WORDS["hot_words"], _WORDS["cold_words"]) if hot else (_WORDS["cold_words"], _WORDS["hot_words"])
     return user.format(x=thing), body(right), body(wrong)
 
 
