@@ -114,10 +114,11 @@ def test_checkpoint_meta_sets_template_kwargs_and_max_length(rm_dirs, tmp_path):
     import shutil
 
     shutil.copytree(rm_dirs["llama3"], tmp_path / "ck")
-    meta = {"chat_template_kwargs": {"date_string": "01 Jan 2025"}, "max_length": 333}
+    # max_length well above the conversation's ~345 tokens: this test is about reading the meta, not truncation
+    meta = {"chat_template_kwargs": {"date_string": "01 Jan 2025"}, "max_length": 777}
     (tmp_path / "ck" / "btrm_meta.json").write_text(json.dumps(meta))
     rm = RewardModel.from_pretrained(tmp_path / "ck")
-    assert rm.chat_template_kwargs == meta["chat_template_kwargs"] and rm.max_length == 333
+    assert rm.chat_template_kwargs == meta["chat_template_kwargs"] and rm.max_length == 777
     conv = make_conversations(1)[0]
     assert "01 Jan 2025" in render_text(rm.tokenizer, conv, rm.chat_template_kwargs)
     plain = RewardModel.from_pretrained(rm_dirs["llama3"])
