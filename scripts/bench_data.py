@@ -22,16 +22,7 @@ from btrm.config import DataConfig, SourceConfig
 from btrm.data.dataset import prepare_data
 from btrm.data.packing import pack_windows, packing_efficiency, plan_step
 from btrm.modeling import ensure_pad_token
-from btrm.tiny import build_tiny_model, write_preference_jsonl
-
-
-def lognormal_sizes(n: int, seed: int = 0, cap: int = 16384) -> list[int]:
-    rng = np.random.default_rng(seed)
-    prompt = np.clip(rng.lognormal(5.5, 1.0, n), 8, 6000).astype(int)
-    c = prompt + np.clip(rng.lognormal(5.8, 0.9, n), 4, 5000).astype(int)
-    r = prompt + np.clip(rng.lognormal(5.8, 0.9, n), 4, 5000).astype(int)
-    s = c + r
-    return s[s <= cap].tolist()
+from btrm.tiny import build_tiny_model, lognormal_pair_sizes, write_preference_jsonl
 
 
 def long_rows(path: Path, n: int, seed: int = 0) -> Path:
@@ -81,7 +72,7 @@ def main() -> None:
                 print(f"| {name} | {nproc} | {n} | {tokens:,} | {n / cold:,.0f} | {tokens / cold:,.0f} | {warm:.2f} |")
                 shutil.rmtree(cache)
 
-    sizes = lognormal_sizes(20480)
+    sizes = lognormal_pair_sizes(20480)
     print(f"\npacking {len(sizes)} long-tailed pairs (mean {np.mean(sizes):.0f}, p99 {np.percentile(sizes, 99):.0f} "
           "tokens) at max_tokens=16384")
     print("| method | fill (real tokens / capacity of used rows) | rank imbalance (max) | time s |\n|---|---|---|---|")

@@ -433,3 +433,19 @@ def write_preference_jsonl(path, n: int, seed: int = 0) -> Path:
         for row in make_preference_rows(n, seed):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
+
+
+def lognormal_pair_sizes(n: int = 20480, seed: int = 0, cap: int = 16384) -> list[int]:
+    """Token counts of ``n`` long-tailed preference pairs (a shared prompt plus two responses, each lognormal).
+
+    Means of a few hundred tokens with a tail into thousands, like real chat preference data; pairs over ``cap``
+    are left out. For packing tests and benchmarks; the same (n, seed) gives the same sizes.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    prompt = np.clip(rng.lognormal(5.5, 1.0, n), 8, 6000).astype(int)
+    chosen = prompt + np.clip(rng.lognormal(5.8, 0.9, n), 4, 5000).astype(int)
+    rejected = prompt + np.clip(rng.lognormal(5.8, 0.9, n), 4, 5000).astype(int)
+    sizes = chosen + rejected
+    return sizes[sizes <= cap].tolist()

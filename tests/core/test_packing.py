@@ -1,17 +1,7 @@
-import numpy as np
 import pytest
 
 from btrm.data.packing import best_fit_decreasing, pack_windows, packing_efficiency, plan_step
-
-
-def lognormal_pair_sizes(n=20480, seed=0, cap=16384):
-    """Long-tailed pair lengths: shared prompt + two responses, each lognormal."""
-    rng = np.random.default_rng(seed)
-    prompt = np.clip(rng.lognormal(5.5, 1.0, n), 8, 6000).astype(int)
-    c = prompt + np.clip(rng.lognormal(5.8, 0.9, n), 4, 5000).astype(int)
-    r = prompt + np.clip(rng.lognormal(5.8, 0.9, n), 4, 5000).astype(int)
-    sizes = c + r
-    return sizes[sizes <= cap].tolist()
+from btrm.tiny import lognormal_pair_sizes
 
 
 def test_bfd_fill_on_long_tail():
