@@ -157,25 +157,12 @@ def run_packed(config_path: Path) -> dict:
                       for s, c in zip([s for s in steps if "loss" in s], cpu)]}
 
 
-def _padded_batch(chosen: list[list[int]], rejected: list[list[int]], pad_id: int):
-    """[2n, L] right-padded: chosen rows first, then rejected (TRL's collator layout)."""
-    import torch
-
-    seqs = chosen + rejected
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return ids, mask
-
-
 def run_padded(config_path: Path) -> dict:
     """btrm with packing off: same loss, weighting, optimizer and clip as the trainer; pad-to-longest batches."""
     import numpy as np
     import torch
 
+    from btrm.data.packing import pad_pairs
     from btrm.loss import bt_loss
     from btrm.train.trainer import build_optimizer
 
@@ -191,7 +178,7 @@ def run_padded(config_path: Path) -> dict:
         loss_sum, real, total = 0.0, 0, 0
         for k in range(0, n, MICRO_PAIRS):
             rows = data.ds[pairs[k:k + MICRO_PAIRS]]
-            ids, mask = _padded_batch(rows["chosen_ids"], rows["rejected_ids"], tok.pad_token_id)
+            ids, mask = pad_pairs(rows["chosen_ids"], rows["rejected_ids"], tok.pad_token_id)
             rewards = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.squeeze(-1).float()
             m = len(rows["chosen_ids"])
             loss, sums = bt_loss(rewards[:m], rewards[m:])

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from btrm.data.packing import best_fit_decreasing, collate_pairs
+from btrm.data.packing import best_fit_decreasing, collate_pairs, pad_pairs
 from btrm.flops import model_shape, non_embedding_params, peak_flops, train_flops
 from btrm.loss import bt_loss
 from btrm.modeling import SEGMENT, VARLEN, packed_rewards, resolve_attn_implementation
@@ -88,18 +88,6 @@ def lognormal_pairs(n: int, vocab: int, scale: float, max_len: int, seed: int) -
                 for _ in range(2))
         pairs.append((prompt + c, prompt + r))
     return pairs
-
-
-def padded_batch(pairs, pad_id: int, device):
-    """[2n, L] right-padded (chosen rows, then rejected rows) + attention mask."""
-    seqs = [p[0] for p in pairs] + [p[1] for p in pairs]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def padded_groups(pairs, budget: int) -> list[list[int]]:
@@ -249,7 +237,9 @@ def time_config(model, device, steps_data, warmup: int, mode: str, pad_budget: i
                     padded += batch.num_tokens
         else:
             for g in padded_groups(step_pairs, pad_budget):
-                ids, mask = padded_batch([step_pairs[k] for k in g], model.config.pad_token_id, device)
+                ids, mask = pad_pairs([step_pairs[k][0] for k in g], [step_pairs[k][1] for k in g],
+                                      model.config.pad_token_id)
+                ids, mask = ids.to(device), mask.to(device)
                 rewards = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 0].float()
                 loss, _ = bt_loss(rewards[:len(g)], rewards[len(g):])
                 (loss / n).backward()

@@ -39,3 +39,14 @@ def test_fewer_pairs_than_ranks_gives_empty_micro_steps_only_then():
 def test_item_over_capacity_raises():
     with pytest.raises(ValueError, match="exceeds"):
         best_fit_decreasing([5, 200], 100)
+
+
+def test_pad_pairs_layout():
+    import torch
+
+    from btrm.data.packing import pad_pairs
+
+    ids, mask = pad_pairs([[1, 2, 3], [4]], [[5, 6], [7, 8, 9, 10]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3, 0], [4, 0, 0, 0], [5, 6, 0, 0], [7, 8, 9, 10]]  # chosen rows, then rejected
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert ids.dtype == mask.dtype == torch.long

@@ -186,6 +186,23 @@ def collate_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[i
                        list(sources or ["default"] * n), list(categories or [None] * n))
 
 
+def pad_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]],
+              pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The padded layout packing replaces: ``[2n, L]`` right-padded ``input_ids`` and ``attention_mask``.
+
+    Chosen rows first, then rejected (TRL's collator layout), padded to the longest of the 2n sequences. Used by
+    the benchmarks' padded baselines; a reward is read at each row's last non-pad token.
+    """
+    seqs = [*chosen, *rejected]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids, mask
+
+
 def packing_efficiency(bins: list[list[int]], sizes: Sequence[int], capacity: int) -> float:
     """Real tokens / (number of non-empty bins * capacity)."""
     used = [b for b in bins if b]
