@@ -36,7 +36,7 @@ import torch
 from btrm.data.packing import best_fit_decreasing, collate_pairs, pad_pairs
 from btrm.flops import model_shape, non_embedding_params, peak_flops, train_flops
 from btrm.loss import bt_loss
-from btrm.modeling import SEGMENT, VARLEN, packed_rewards, resolve_attn_implementation
+from btrm.modeling import SEGMENT, VARLEN, enable_activation_checkpointing, packed_rewards, resolve_attn_implementation
 
 # Qwen3 shapes from the released configs (vocab 151936, tied embeddings; no LM head in a reward model).
 SHAPES = {
@@ -280,7 +280,7 @@ def run_throughput(device, name: str, shape: dict, args, pack_tokens: int, scale
             free_memory(device)
             model = build_model(shape, device, args.dtype, attn, args.seed)
             if ckpt:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                enable_activation_checkpointing(model)
             n_params = non_embedding_params(model)
             r = time_config(model, device, steps_data, args.warmup, mode, pack_tokens)
             flops = train_flops(n_params, *model_shape(model.config), r["seg_lengths"])

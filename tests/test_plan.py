@@ -13,6 +13,7 @@ import torch
 
 from btrm.cli import main
 from btrm.config import load_config
+from btrm.modeling import enable_activation_checkpointing
 from btrm.plan import ARCHS, GiB, HUB_IDS, Arch, activation_bytes, model_state_bytes, param_counts, resolve_arch
 
 RECIPES = Path(__file__).resolve().parents[1] / "configs" / "skywork-reward-v2"
@@ -112,7 +113,7 @@ def test_activation_formula_matches_saved_tensors(qwen):
         cfg = hf_config(a, attn_implementation="sdpa")
         model = AutoModelForSequenceClassification.from_config(cfg).to(torch.bfloat16).train()
         if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         saved: dict[int, int] = {}
 
         def pack(t):

@@ -180,6 +180,19 @@ def load_reward_model(name_or_path: str, tokenizer, *, dtype: torch.dtype = torc
     return model
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward (non-reentrant), through whichever name this transformers has.
+
+    transformers 5.x renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` and warns on
+    the old name; both reach the same per-layer checkpointing.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def init_score_head(head: torch.nn.Linear, std: float, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     with _gathered(head.weight):

@@ -22,8 +22,8 @@ from btrm.data.dataset import PreparedData, StepSampler, TokenizedPairs, prepare
 from btrm.data.packing import assign_to_ranks, best_fit_decreasing, collate_pairs, packing_efficiency
 from btrm.flops import model_shape, non_embedding_params, peak_flops, train_flops
 from btrm.loss import bt_loss, finalize_metrics
-from btrm.modeling import (ensure_pad_token, load_reward_model, packed_rewards, resolve_attn_implementation,
-                           resolve_dtype)
+from btrm.modeling import (enable_activation_checkpointing, ensure_pad_token, load_reward_model, packed_rewards,
+                           resolve_attn_implementation, resolve_dtype)
 from btrm.train import checkpoint as ckpt
 from btrm.train.ds_config import build_ds_config
 from btrm.train.logger import build_logger
@@ -186,7 +186,7 @@ class Trainer:
                                trust_remote_code=cfg.model.trust_remote_code, head_init_std=cfg.model.head_init_std,
                                seed=cfg.train.seed)
         if cfg.model.gradient_checkpointing:
-            rm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(rm)
         rm.config.use_cache = False
         self.rm = rm
         self.n_params = non_embedding_params(rm)
