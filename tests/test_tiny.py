@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,3 +161,22 @@ def test_write_jsonl(tmp_path):
     path = write_preference_jsonl(tmp_path / "d" / "pairs.jsonl", 7, seed=2)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert rows == make_preference_rows(7, seed=2)
+
+
+def test_builtins_are_materialised_per_version(tmp_path):
+    """A cache holding synthetic pairs from an older generator is not reused: paths carry BUILTIN_VERSION."""
+    from btrm.builtin import resolve_builtins
+    from btrm.config import Config, SourceConfig
+    from btrm.tiny import BUILTIN_VERSION
+
+    stale = tmp_path / "builtin" / "synthetic-30-0.jsonl"  # where a version-1 btrm wrote it
+    stale.parent.mkdir(parents=True)
+    stale.write_text('{"stale": true}\n')
+    cfg = Config()
+    cfg.data.cache_dir = str(tmp_path)
+    cfg.data.sources = [SourceConfig(path="synthetic:30")]
+    resolved = resolve_builtins(cfg, is_main=True, barrier=lambda: None)
+    path = Path(resolved.data.sources[0].path)
+    assert path == tmp_path / "builtin" / f"v{BUILTIN_VERSION}" / "synthetic-30-0.jsonl"
+    assert [json.loads(line) for line in path.read_text().splitlines()] == make_preference_rows(30)
+    assert cfg.data.sources[0].path == "synthetic:30"  # the caller's config is not modified

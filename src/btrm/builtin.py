@@ -26,7 +26,7 @@ def resolve_builtins(cfg: Config, is_main: bool, barrier) -> Config:
             s.path.startswith(SYNTHETIC_PREFIX) for s in cfg.data.sources + cfg.data.eval_sources):
         return cfg
     cfg = copy.deepcopy(cfg)
-    root = Path(cfg.data.cache_dir) / "builtin"
+    root = Path(cfg.data.cache_dir) / "builtin" / f"v{tiny.BUILTIN_VERSION}"  # a new generator never reuses old files
     todo = []
     if cfg.model.name_or_path.startswith(TINY_PREFIX):
         family = cfg.model.name_or_path[len(TINY_PREFIX):]

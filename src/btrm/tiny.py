@@ -18,6 +18,10 @@ import json
 import random
 from pathlib import Path
 
+# Bumped whenever the tokenizer, the tiny models or the synthetic pairs change, so `tiny:` and `synthetic:`
+# references materialised in a cache by an older btrm are rebuilt instead of silently reused.
+BUILTIN_VERSION = 2
+
 FAMILIES = ("llama3", "llama3.2", "qwen3")
 
 # ----------------------------------------------------------------------------------------------------------
