@@ -321,9 +321,11 @@ def build_tiny_model(
 #   tiny-temperature  says "hot"/"cold" correctly for a thing (a small fact table joined with the answer)
 #   tiny-tone         polite rather than rude (a bag-of-words signal)
 # Chosen and rejected bodies are sampled independently from the same pools, so length says nothing about the
-# label (longer-wins ~0.52 in characters and in tokens). Measured with the default tiny models, AdamW lr 1e-3,
-# 32 pairs a step, fp32 CPU: held-out pair accuracy >= 0.99 after 200 steps for Llama seeds 0-9 and Qwen3 seeds
-# 0-3. Harder kinds tried (single-digit sums, a 14-entry colour table) stayed near chance in that budget.
+# label (longer-wins ~0.46 on the quickstart's held-out pairs). Measured with the quickstart recipes (default tiny
+# models, AdamW lr 1e-3 cosine, 32 pairs a step, fp32 CPU, 444 steps): held-out pair accuracy 1.000 at the end
+# for train.seed 0-9 on Llama and on Qwen3. The fact kind is the slow one: found between step 50 and 300
+# depending on the seed (with 222 steps Llama seed 1 ended at 0.87). Harder kinds tried (single-digit sums, a
+# 14-entry colour table) stayed near chance in that budget.
 
 _WORDS = {
     "topics": [
