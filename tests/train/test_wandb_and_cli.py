@@ -22,6 +22,8 @@ def test_wandb_offline_run_holds_metrics(tmp_path, tiny_llama_dir):
     for key in (b"loss", b"accuracy", b"tokens_per_s", b"packing", b"eval/accuracy", b"grad_norm"):
         assert key in blob, key
     assert "reward model saved to" in proc.stdout
+    run_dir = runs[0].rsplit("/", 1)[0]
+    assert f"wandb sync {run_dir}" in proc.stdout  # the user is told where the offline run is and how to upload it
 
 
 def test_train_cli_rejects_unknown_key(tmp_path):

@@ -48,7 +48,8 @@ class JsonlLogger(Logger):
 
 
 class WandbLogger(Logger):
-    def __init__(self, project: str, run_name: str | None, tags: list[str], config: dict, out_dir: Path):
+    def __init__(self, project: str, run_name: str | None, tags: list[str], config: dict, out_dir: Path,
+                 write=print):
         import wandb
 
         # No API key -> offline run under out_dir/wandb (sync later with `wandb sync`).
@@ -59,6 +60,7 @@ class WandbLogger(Logger):
         self.run = wandb.init(project=project, name=run_name, tags=tags or None, config=config, dir=str(out_dir),
                               mode=mode, settings=wandb.Settings(console="off", x_disable_stats=True,
                                                                  silent=True))
+        self.mode, self.write = mode, write
 
     def log(self, metrics, step):
         self.run.log(metrics, step=step)
@@ -68,7 +70,10 @@ class WandbLogger(Logger):
             self.run.summary[k] = v
 
     def close(self):
+        run_dir = Path(self.run.dir).parent  # <out>/wandb/offline-run-<time>-<id>; run.dir is its files/
         self.run.finish()
+        if self.mode == "offline":
+            self.write(f"wandb run saved offline in {run_dir}; upload it with:  wandb sync {run_dir}")
 
 
 class MultiLogger(Logger):
@@ -94,7 +99,8 @@ def build_logger(cfg, rank: int, config_dict: dict, write=print) -> Logger:
     out = Path(cfg.train.output_dir)
     loggers: list[Logger] = [ConsoleLogger(write), JsonlLogger(out / "metrics.jsonl")]
     if cfg.logging.wandb:
-        loggers.append(WandbLogger(cfg.logging.project, cfg.logging.run_name, cfg.logging.tags, config_dict, out))
+        loggers.append(WandbLogger(cfg.logging.project, cfg.logging.run_name, cfg.logging.tags, config_dict, out,
+                                   write))
     return MultiLogger(loggers)
 
 
