@@ -45,12 +45,14 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
     if query.shape[0] != 1:
         raise ValueError("btrm_segment attention expects one packed row (batch size 1)")
     bounds = _segments(kwargs, query.shape[2])
+    sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     gqa = query.shape[1] != key.shape[1]
     outs = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    # split, not one slice per segment: a slice's backward writes into a zero tensor of the whole row, so n
+    # slices cost n full-row gradients per q/k/v; split's backward is one concatenation.
+    for q, k, v in zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2)):
         outs.append(F.scaled_dot_product_attention(
-            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling,
-            dropout_p=dropout if module.training else 0.0, enable_gqa=gqa))
+            q, k, v, is_causal=True, scale=scaling, dropout_p=dropout if module.training else 0.0, enable_gqa=gqa))
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     return out.transpose(1, 2).contiguous(), None
 
