@@ -18,6 +18,7 @@ import torch
 import btrm
 from btrm.builtin import resolve_builtins
 from btrm.config import Config, dump_yaml, to_dict
+from btrm.cpu import retain_freed_memory, share_cpu_threads
 from btrm.data.dataset import PreparedData, StepSampler, TokenizedPairs, prepare_data, rank_micro_batches
 from btrm.data.packing import assign_to_ranks, best_fit_decreasing, collate_pairs, packing_efficiency
 from btrm.flops import model_shape, non_embedding_params, peak_flops, train_flops
@@ -85,20 +86,9 @@ def setup_distributed() -> Dist:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-        _share_cpu_threads()
+        share_cpu_threads()
+        retain_freed_memory()
     return Dist(rank, world, local_rank, device)
-
-
-def _share_cpu_threads() -> None:
-    """CPU ranks on one machine split its cores instead of each taking all of them.
-
-    torch defaults every process to one thread per core, so N local ranks run N x cores threads that preempt each
-    other. An explicit OMP_NUM_THREADS (e.g. from `deepspeed --bind_cores_to_rank`) is left alone.
-    """
-    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)  # torchrun / deepspeed
-    if local > 1 and "OMP_NUM_THREADS" not in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // local))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
