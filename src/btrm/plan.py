@@ -241,7 +241,7 @@ def alternatives(a: Arch, counts: dict, cur: Setting, gpus: int, nodes: int, dty
     stage = max(cur.stage, 1)
     s = replace(cur, stage=stage, offload_optimizer=True)
     if not cur.offload_optimizer and fits(s):
-        out.append(f"offload the optimizer to CPU (--deepspeed.offload_optimizer=true"
+        out.append("offload the optimizer to CPU (--deepspeed.offload_optimizer=true"
                    + (f" --deepspeed.zero_stage={stage}" if stage != cur.stage else "") + "; slower steps, needs "
                    f"{memory(a, counts, s, gpus, nodes, dtype)['host_per_node'] / GiB:,.0f} GiB host memory per node)")
     s = replace(cur, stage=3, offload_optimizer=True, offload_param=True)

@@ -227,7 +227,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------------
 
     def train(self) -> Path | None:
-        cfg, d = self.cfg, self.dist
+        cfg = self.cfg
         self._install_signal_handlers()
         if self.is_main and cfg.logging.progress:
             from tqdm.auto import tqdm
