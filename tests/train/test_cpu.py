@@ -76,3 +76,9 @@ def test_explicit_omp_and_single_rank_are_left_alone(monkeypatch, threads):
     torch.set_num_threads(5)
     share_cpu_threads()
     assert torch.get_num_threads() == 5
+
+
+def test_retain_is_a_no_op_off_cpu():
+    from btrm.cpu import retain_freed_memory
+
+    assert retain_freed_memory("cuda") is False  # the caching CUDA allocator needs nothing; glibc is untouched

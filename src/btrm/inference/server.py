@@ -342,6 +342,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from btrm.cpu import retain_freed_memory
     from btrm.inference.scorer import RewardModel
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -359,6 +360,7 @@ def run(args: argparse.Namespace) -> int:
         rm = RewardModel.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                          attn_implementation=args.attn_implementation, max_length=args.max_length,
                                          trust_remote_code=args.trust_remote_code, batch_tokens=args.max_batch_tokens)
+        retain_freed_memory(rm.device)  # CPU: no page-faulting every batch's activations in again (btrm.cpu)
         batcher = Batcher(rm, args.max_batch_tokens).start()
         httpd.ready(rm, batcher)
         print(f"btrm serve: ready at {httpd.url} (POST /classify, POST /pooling, GET /health; "
