@@ -17,6 +17,8 @@ tokenize + forward, as a user's call does:
 Real tokens exclude padding; "padding" is pad / (real + pad) over what the model ran on. Each method runs once on
 a small warm-up slice first; then the methods run --repeats times in turn and the best time is shown (a shared
 machine's load comes and goes). The rewards of every method are compared with the packed ones (max |diff|).
+All methods run with the allocator setting `btrm score` uses on CPU (`btrm.cpu.retain_freed_memory`);
+`--no-retain` keeps glibc's defaults.
 """
 
 from __future__ import annotations
@@ -114,7 +116,11 @@ def main() -> None:
     ap.add_argument("--padded-batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--markdown", action="store_true", help="print the table as markdown (for BENCHMARKS.md)")
+    ap.add_argument("--no-retain", action="store_true", help="glibc malloc defaults instead of btrm score's")
     args = ap.parse_args()
+    from btrm.cpu import retain_freed_memory
+
+    retained = False if args.no_retain else retain_freed_memory()
 
     from transformers import AutoModelForSequenceClassification
 
@@ -151,7 +157,7 @@ def main() -> None:
     n_params = sum(p.numel() for n, p in hf.named_parameters() if "embed" not in n)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
           f"{torch.get_num_threads()}, load avg {os.getloadavg()[0]:.1f}; tiny Llama hidden {args.hidden}, "
-          f"{args.layers} layers, {n_params / 1e6:.1f}M non-embedding params, fp32")
+          f"{args.layers} layers, {n_params / 1e6:.1f}M non-embedding params, fp32; freed memory retained: {retained}")
     print(f"# {len(convs)} conversations, {real} tokens: mean {np.mean(lengths):.0f}, median {np.median(lengths):.0f}, "
           f"p90 {np.percentile(lengths, 90):.0f}, max {max(lengths)}; packed budget {args.batch_tokens} tokens")
     base = rows[1][1]
