@@ -99,20 +99,27 @@ def test_per_row_file_holds_scores_and_results(tmp_path):
                         "scores": {"A": 2.0, "B": 1.0}, "result": 1.0}
 
 
-def test_table_row_in_card_order_with_average_of_present():
+def test_table_row_in_card_order_and_no_average_of_a_partial_row():
     table = markdown_table("tiny", {"judgebench": 60.0, "rewardbench": 90.0, "rmb": 70.04})
     header, sep, row = table.splitlines()
     assert header == ("| Model | RewardBench v1 | RewardBench v2 | PPE Preference | PPE Correctness | RMB | RM-Bench "
                       "| JudgeBench | Avg. |")
     assert sep.count("|") == header.count("|")
-    assert row == "| tiny | 90.0 | - | - | - | 70.0 | - | 60.0 | 73.3 |"
+    # the card's Avg. is over all seven columns: a mean of three would look comparable and isn't
+    assert row == "| tiny | 90.0 | - | - | - | 70.0 | - | 60.0 | - |"
+
+
+def test_table_average_of_a_full_row():
+    # Skywork-Reward-V2-Llama-3.1-8B's card row: (96.4 + 84.1 + 77.3 + 83.4 + 86.4 + 92.8 + 80.0) / 7 = 85.77
+    card = dict(zip(BENCHMARKS, [96.4, 84.1, 77.3, 83.4, 86.4, 92.8, 80.0]))
+    assert markdown_table("m", card).splitlines()[2] == "| m | 96.4 | 84.1 | 77.3 | 83.4 | 86.4 | 92.8 | 80.0 | 85.8 |"
 
 
 def test_table_accumulates_benchmarks_run_separately(tmp_path):
     evaluate(embedded_score, "judgebench", str(FIXTURES / "judgebench.jsonl"), tmp_path, model_name="m", progress=False)
     evaluate(embedded_score, "rm-bench", str(FIXTURES / "rm-bench.json"), tmp_path, model_name="m", progress=False)
     row = (tmp_path / "table.md").read_text().splitlines()[2]
-    assert row == "| m | - | - | - | - | - | 50.0 | 66.7 | 58.3 |"
+    assert row == "| m | - | - | - | - | - | 50.0 | 66.7 | - |"
 
 
 def test_loaders_read_parquet_jsonl_json_and_folders(tmp_path):

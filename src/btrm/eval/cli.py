@@ -13,7 +13,8 @@ split per folder:
   ppe-correctness/  a folder, one file or subfolder per set (its name names the set: mmlu-pro.jsonl, math/...)
                     from lmarena-ai/PPE-{MMLU-Pro,MATH,GPQA,IFEval,MBPP-Plus}-Best-of-K (split train)
   rmb/              the RMB repository's RMB_dataset folder (Pairwise_set/..., BoN_set/...)
-  rm-bench          THU-KEG/RM-Bench: id, prompt, chosen[3], rejected[3], domain
+  rm-bench/         THU-KEG/RM-Bench's data/ folder: {chat,code,math,safety-refuse,safety-response}_filtered.json
+                    (domain = file name) or total_dataset.json (id, prompt, chosen[3], rejected[3], domain)
   judgebench        ScalerLab/JudgeBench (split gpt): pair_id, question, response_A, response_B, label, source
 """
 

@@ -239,10 +239,11 @@ def evaluate_suite(
 
 
 def markdown_table(model_name: str, overall: dict[str, float]) -> str:
-    """Header + one row: the 7 card columns (benchmark name -> 0-100), '-' when missing, Avg. over those present."""
+    """Header + one row: the 7 card columns (benchmark name -> 0-100), '-' when missing. Avg. is the mean of all
+    seven, and '-' when any is missing: a mean over fewer columns is not comparable with the card's."""
     values = [overall.get(name) for name in BENCHMARKS]
-    present = [v for v in values if v is not None]
-    cells = [f"{v:.1f}" if v is not None else "-" for v in values + [mean(present) if present else None]]
+    avg = mean(values) if all(v is not None for v in values) else None
+    cells = [f"{v:.1f}" if v is not None else "-" for v in values + [avg]]
     header = ["Model"] + [b.column for b in BENCHMARKS.values()] + ["Avg."]
     lines = [
         "| " + " | ".join(header) + " |",
