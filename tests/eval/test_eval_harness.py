@@ -141,6 +141,19 @@ def test_loaders_read_parquet_jsonl_json_and_folders(tmp_path):
     }
 
 
+def test_bad_files_fail_naming_file_and_line(tmp_path):
+    # one reader for training data and benchmark data (btrm.data.sources.iter_file): same origins, same errors
+    lines = (FIXTURES / "judgebench.jsonl").read_text().splitlines()
+    bad = tmp_path / "jb.jsonl"
+    bad.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=f"{bad}:2: field '<row>': bad_json"):
+        read_records(str(bad), ())
+    scalar = tmp_path / "one.json"
+    scalar.write_text("5")
+    with pytest.raises(ValueError, match="one.json: expected a JSON list of rows, got int"):
+        read_records(str(scalar), ())
+
+
 def test_missing_local_path_is_not_sent_to_the_hub(tmp_path):
     with pytest.raises(FileNotFoundError):
         read_records(str(tmp_path / "nope.jsonl"), ())

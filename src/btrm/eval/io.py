@@ -10,9 +10,10 @@ use it to name their parts.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
+
+from btrm.data.sources import BadRow, iter_file
 
 SUFFIXES = (".json", ".jsonl", ".parquet")
 
@@ -39,27 +40,15 @@ def read_records(source: str | None, hub: Sequence[tuple[str, str]]) -> list[dic
 
 
 def _read_file(path: Path, source: str) -> list[dict]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(path).to_pylist()
-    elif path.suffix == ".jsonl":
-        rows = _read_jsonl(path)
-    else:
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:  # JSON lines saved as .json
-            rows = _read_jsonl(path)
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+    """Every row of one file (the reader training data uses too); a bad jsonl line fails naming file:line."""
+    rows = []
+    for _origin, row in iter_file(path):
+        if isinstance(row, BadRow):
+            raise ValueError(str(row))
+        rows.append(row)
     for r in rows:
         r["_source"] = source
     return rows
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _read_hub(dataset_id: str, split: str) -> list[dict]:
