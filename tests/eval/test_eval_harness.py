@@ -68,10 +68,10 @@ def test_over_length_skip_drops_rows_and_reports_them(tmp_path):
     assert recompute(tmp_path / "rm-bench.rows.jsonl") == r
 
 
-def test_over_length_score_counts_but_keeps_rows():
+def test_over_length_truncate_without_cut_length_trusts_the_scorer():
     counter = Counting()
     r = evaluate(counter, "rm-bench", str(FIXTURES / "rm-bench.json"), max_length=40, length_fn=_chars,
-                 over_length="score", progress=False)
+                 over_length="truncate", progress=False)
     assert r["counts"]["rows_skipped"] == 0 and r["counts"]["over_length"] > 0
     assert counter.forwards == r["counts"]["distinct_conversations"]
     plain = evaluate(embedded_score, "rm-bench", str(FIXTURES / "rm-bench.json"), progress=False)

@@ -118,7 +118,9 @@ def test_checkpoint_meta_sets_template_kwargs_and_max_length(rm_dirs, tmp_path):
     meta = {"chat_template_kwargs": {"date_string": "01 Jan 2025"}, "max_length": 777}
     (tmp_path / "ck" / "btrm_meta.json").write_text(json.dumps(meta))
     rm = RewardModel.from_pretrained(tmp_path / "ck")
-    assert rm.chat_template_kwargs == meta["chat_template_kwargs"] and rm.max_length == 777
+    assert rm.chat_template_kwargs == meta["chat_template_kwargs"]
+    # the training length is recorded, not used as the cap: the model's usable length is (131072 positions -> 16384)
+    assert rm.train_max_length == 777 and rm.max_length == 16384
     conv = make_conversations(1)[0]
     assert "01 Jan 2025" in render_text(rm.tokenizer, conv, rm.chat_template_kwargs)
     plain = RewardModel.from_pretrained(rm_dirs["llama3"])
