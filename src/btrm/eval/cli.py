@@ -95,7 +95,7 @@ def _load_data(args: argparse.Namespace) -> dict[str, list[dict]]:
     try:
         return {args.benchmark: load_benchmark(args.benchmark, data)}
     except HubUnavailable as e:
-        raise UserError(hub_failure({args.benchmark: e}) if data is None else f"--data {data}: {e}") from None
+        raise UserError(hub_failure({args.benchmark: e}) if data is None else f"--data {data}: {e}") from e
 
 
 def load_scorer(args: argparse.Namespace):

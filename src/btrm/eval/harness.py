@@ -248,7 +248,7 @@ def load_benchmark(name: str, data: str | None = None) -> list[dict]:
     try:
         return read_records(data, bench.hub)
     except ValueError as e:  # a bad file: json that is not rows, a jsonl line that is not JSON
-        raise UserError(str(e)) from None
+        raise UserError(str(e)) from e
 
 
 def _units(bench: Benchmark, records: list[dict]) -> list[Unit]:
@@ -258,10 +258,13 @@ def _units(bench: Benchmark, records: list[dict]) -> list[Unit]:
     except KeyError as e:
         field = e.args[0]
         i = next((i for i, r in enumerate(records) if isinstance(r, dict) and field not in r), None)
-        where = f"row {i} of {records[i].get('_source', '?')}" if i is not None else "a row"
-        raise UserError(f"{bench.name}: {where} has no field {field!r} (schemas: btrm eval --help)") from None
+        where = "a row"
+        if i is not None:  # its 0-based row within its own file
+            source = records[i].get("_source")
+            where = f"{source} row {sum(r.get('_source') == source for r in records[:i])}"
+        raise UserError(f"{bench.name}: {where} has no field {field!r} (schemas: btrm eval --help)") from e
     except (ValueError, TypeError) as e:
-        raise UserError(f"{bench.name}: {e}") from None
+        raise UserError(f"{bench.name}: {e}") from e
 
 
 # benchmarks whose data is not on the Hub: how to get it
@@ -283,6 +286,8 @@ def load_suite(data_dir: str | Path | None = None) -> dict[str, list[dict]]:
     """Rows of every benchmark, in card order: from data_dir (`find_data`; a missing entry is logged and left out)
     or, without data_dir, from each benchmark's Hub datasets (RMB is on GitHub only: logged and left out).
     Hub failures are collected and reported together, naming every dataset id that could not be read."""
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise UserError(f"--data-dir {data_dir}: no such folder")
     records: dict[str, list[dict]] = {}
     failed: dict[str, HubUnavailable] = {}
     for name, bench in BENCHMARKS.items():
@@ -301,6 +306,8 @@ def load_suite(data_dir: str | Path | None = None) -> dict[str, list[dict]]:
                 failed[name] = e
     if failed:
         raise UserError(hub_failure(failed))
+    if not records:
+        raise UserError(f"--data-dir {data_dir}: no benchmark data inside (layout: btrm eval --help)")
     return records
 
 
