@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from evalhelp import FIXTURES, Counting, embedded_score
 
+from btrm.errors import UserError
 from btrm.eval import BENCHMARKS, evaluate, markdown_table, recompute
 from btrm.eval.io import read_records
 
@@ -152,6 +153,15 @@ def test_bad_files_fail_naming_file_and_line(tmp_path):
     scalar.write_text("5")
     with pytest.raises(ValueError, match="one.json: expected a JSON list of rows, got int"):
         read_records(str(scalar), ())
+
+
+def test_missing_field_names_benchmark_file_row_and_field(tmp_path):
+    rows = [json.loads(line) for line in open(FIXTURES / "judgebench.jsonl")]
+    del rows[1]["label"]
+    path = tmp_path / "jb.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError, match="judgebench: jb row 1 has no field 'label'"):
+        evaluate(embedded_score, "judgebench", str(path), progress=False)
 
 
 def test_missing_local_path_is_not_sent_to_the_hub(tmp_path):

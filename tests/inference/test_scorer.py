@@ -95,6 +95,24 @@ def test_truncation_left_keeps_the_last_turn(rm_dirs):
         rm.score([conv2])
 
 
+def test_cut_length_is_the_least_truncation_reaches(rm_dirs):
+    # cut_length (what btrm eval uses to decide which rows to skip) agrees with what truncation='left' does
+    conv = [{"role": "user", "content": " ".join(["the ocean is calm"] * 40)},
+            {"role": "assistant", "content": "of course here is music"}]
+    full = RewardModel.from_pretrained(rm_dirs["llama3"])
+    n = full.cut_length(conv)
+    assert 0 < n < len(full.encode([conv])[0])
+    assert len(RewardModel.from_pretrained(rm_dirs["llama3"], max_length=n, truncation="left").encode([conv])[0]) == n
+    with pytest.raises(OverlongError, match=f"the last turn alone needs {n} tokens"):
+        RewardModel.from_pretrained(rm_dirs["llama3"], max_length=n - 1, truncation="left").encode([conv])
+    assert full.cut_length(conv[1:]) == len(full.encode([conv[1:]])[0])  # no prompt: nothing to cut
+
+
+def test_missing_local_checkpoint_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nope'}: no such checkpoint directory"):
+        RewardModel.from_pretrained(tmp_path / "nope")
+
+
 def test_base_checkpoint_without_head_is_refused(rm_dirs):
     with pytest.raises(ValueError, match="no trained score head"):
         RewardModel.from_pretrained(rm_dirs["base"])
