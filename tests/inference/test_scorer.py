@@ -139,6 +139,8 @@ def test_checkpoint_meta_sets_template_kwargs_and_max_length(rm_dirs, tmp_path):
     assert rm.chat_template_kwargs == meta["chat_template_kwargs"]
     # the training length is recorded, not used as the cap: the model's usable length is (131072 positions -> 16384)
     assert rm.train_max_length == 777 and rm.max_length == 16384
+    assert rm.length_note() == ("max_length 16384 tokens (min(max_position_embeddings 131072, 16384)); trained at 777 "
+                                "(btrm_meta.json)")
     conv = make_conversations(1)[0]
     assert "01 Jan 2025" in render_text(rm.tokenizer, conv, rm.chat_template_kwargs)
     plain = RewardModel.from_pretrained(rm_dirs["llama3"])

@@ -113,10 +113,7 @@ def load_scorer(args: argparse.Namespace):
         **{k: v for k, v in options.items() if v is not None},
     )
     retain_freed_memory(model.device)  # CPU: no page-faulting every batch's activations in again (btrm.cpu)
-    positions = getattr(model.model.config, "max_position_embeddings", None)
-    source = "--max-length" if args.max_length else f"min(max_position_embeddings {positions}, 16384)"
-    trained = f"trained at {model.train_max_length}" if model.train_max_length else "training length not recorded"
-    print(f"max_length {model.max_length} tokens ({source}); {trained} (btrm_meta.json)")
+    print(model.length_note())
 
     def length_fn(conversation):  # rendered exactly as RewardModel.score renders it
         return len(render_ids(model.tokenizer, conversation, model.chat_template_kwargs))

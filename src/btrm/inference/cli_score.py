@@ -195,6 +195,7 @@ def score_file(args: argparse.Namespace) -> int:
                                      chat_template_kwargs=args.chat_template_kwargs, batch_tokens=args.batch_tokens,
                                      truncation=args.truncation, trust_remote_code=args.trust_remote_code)
     retain_freed_memory(rm.device)  # CPU: no page-faulting every batch's activations in again (btrm.cpu)
+    print(f"btrm score: {rm.length_note()}", file=sys.stderr)
     name = Path(args.input).stem
     t0, new_rows = time.perf_counter(), 0
     out_path.parent.mkdir(parents=True, exist_ok=True)

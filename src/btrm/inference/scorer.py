@@ -86,6 +86,7 @@ class RewardModel:
         self.truncation = truncation
         self.device = next(model.parameters()).device
         self.train_max_length: int | None = None  # the training run's max_length (btrm_meta.json), for display
+        self.length_rule = "as given"  # where max_length came from, for display
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | Path, device: str | torch.device | None = None,
@@ -128,8 +129,15 @@ class RewardModel:
         rm = cls(model, tokenizer, max_length=max_length or usable_length(config),
                  chat_template_kwargs=chat_template_kwargs, batch_tokens=batch_tokens, truncation=truncation)
         rm.train_max_length = meta.get("max_length")
+        rm.length_rule = "as given" if max_length else (
+            f"min(max_position_embeddings {getattr(config, 'max_position_embeddings', None)}, {DEFAULT_MAX_LENGTH})")
         rm._check_checkpoint(config)
         return rm
+
+    def length_note(self) -> str:
+        """'max_length 16384 tokens (min(max_position_embeddings 131072, 16384)); trained at 512 (btrm_meta.json)'."""
+        trained = f"trained at {self.train_max_length}" if self.train_max_length else "training length not recorded"
+        return f"max_length {self.max_length} tokens ({self.length_rule}); {trained} (btrm_meta.json)"
 
     def _check_checkpoint(self, config) -> None:
         # HF / SGLang / vLLM pool the rightmost non-pad token: a pad id that ends every rendered conversation would
