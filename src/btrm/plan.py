@@ -46,11 +46,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from btrm.config import Config, load_config
+from btrm.errors import UserError
 
 GiB = 2**30
 OVERHEAD_GIB = 2.0  # CUDA context, NCCL, allocator slack
@@ -391,17 +391,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config, validate=False)
-    except ValueError as e:
-        print(f"btrm plan: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, validate=False)  # a ConfigError ends in one line (btrm.cli)
     try:
         a, source = resolve_arch(cfg.model.name_or_path, args.arch)
     except (ValueError, OSError) as e:  # AutoConfig could not read the model path (offline, typo)
-        print(f"btrm plan: cannot read the model shape of {cfg.model.name_or_path!r}: {e}\n"
-              f"pass --arch with one of: {', '.join(ARCHS)}", file=sys.stderr)
-        return 2
+        raise UserError(f"cannot read the model shape of {cfg.model.name_or_path!r}: {e}; "
+                        f"pass --arch with one of: {', '.join(ARCHS)}") from e
     r = plan(cfg, a, args.gpus, args.nodes, args.gpu_memory, args.tokens_per_sec_per_gpu, args.dataset_pairs,
              args.mean_pair_tokens)
     r["arch_source"] = source

@@ -74,3 +74,12 @@ def test_formats_columns_swap_weights(tmp_path):
     pm, own = load_pairs([SourceConfig(path=str(tmp_path / "pm.jsonl"))], DataReport())
     assert pm.chosen == [U, A("a")] and pm.rejected == [U, A("b")] and pm.category == "c"
     assert pm.source == "pm" and own.source == "helpsteer"  # a row's own source column wins over the file name
+
+
+def test_json_lines_named_json_and_column_json(tmp_path):
+    # the reader benchmark data uses too: JSON lines saved as .json, {"data": [...]}, and columns all read
+    (tmp_path / "lines.json").write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n")
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": [GOOD]}))
+    (tmp_path / "columns.json").write_text(json.dumps({"chosen": [GOOD["chosen"]], "rejected": [GOOD["rejected"]]}))
+    for name, n in [("lines.json", 2), ("wrapped.json", 1), ("columns.json", 1)]:
+        assert len(load_pairs([SourceConfig(path=str(tmp_path / name))], DataReport())) == n

@@ -106,24 +106,25 @@ def source_files(src: SourceConfig) -> list[Path]:
     return []
 
 
-def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
+def iter_file(path: Path) -> Iterator[tuple[str, Any]]:
+    """(origin, raw row) of one json / jsonl / parquet / arrow file; a jsonl line that is not JSON comes as a
+    BadRow in place of its row. origin: `file:line` (jsonl, 1-based), `file[i]` (json), `file:row i` (others).
+    Shared by training data (`iter_raw_rows`) and benchmark data (`btrm.eval.io`)."""
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                origin = f"{path}:{i}"
-                try:
-                    yield origin, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield origin, BadRow("bad_json", "<row>", str(e), origin)
+        yield from _iter_jsonl(path)
     elif path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:  # JSON lines saved as .json
+            yield from _iter_jsonl(path)
+            return
         if isinstance(data, dict):  # {"data": [...]} or column-oriented
             data = data.get("data", data.get("rows", data))
-        if isinstance(data, dict):
+        if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
             keys = list(data)
             data = [dict(zip(keys, vals)) for vals in zip(*data.values())]
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
         for i, row in enumerate(data):
             yield f"{path}[{i}]", row
     elif path.suffix == ".parquet":
@@ -141,13 +142,25 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
             yield f"{path}:row {i}", row
 
 
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            origin = f"{path}:{i}"
+            try:
+                yield origin, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield origin, BadRow("bad_json", "<row>", str(e), origin)
+
+
 def iter_raw_rows(src: SourceConfig) -> Iterator[tuple[str, Any]]:
     """(origin, raw row) pairs; origin names file and row (1-based line for jsonl, 0-based row otherwise)."""
     files = source_files(src)
     count = 0
     if files:
         for f in files:
-            for item in _iter_file(f):
+            for item in iter_file(f):
                 if src.max_rows is not None and count >= src.max_rows:
                     return
                 count += 1

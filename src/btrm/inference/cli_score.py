@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
     p.add_argument("--attn-implementation", default="auto", help="auto, segment, varlen, flash_attention_2, sdpa")
     p.add_argument("--max-length", type=int, default=None, help="longest conversation in tokens "
-                   "(default: the checkpoint's btrm_meta.json, else min(max_position_embeddings, 16384))")
+                   "(default: min(max_position_embeddings, 16384), not the training length)")
     p.add_argument("--truncation", choices=["error", "left"], default="error",
                    help="over-long conversations: error, or cut the prompt from the left (the last turn stays whole)")
     p.add_argument("--chat-template-kwargs", type=json.loads, default=None,
@@ -195,6 +195,7 @@ def score_file(args: argparse.Namespace) -> int:
                                      chat_template_kwargs=args.chat_template_kwargs, batch_tokens=args.batch_tokens,
                                      truncation=args.truncation, trust_remote_code=args.trust_remote_code)
     retain_freed_memory(rm.device)  # CPU: no page-faulting every batch's activations in again (btrm.cpu)
+    print(f"btrm score: {rm.length_note()}", file=sys.stderr)
     name = Path(args.input).stem
     t0, new_rows = time.perf_counter(), 0
     out_path.parent.mkdir(parents=True, exist_ok=True)

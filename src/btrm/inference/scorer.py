@@ -20,20 +20,29 @@ import torch
 
 from btrm.data.dataset import common_prefix_len
 from btrm.data.packing import PackedBatch, best_fit_decreasing, pack_sequences
+from btrm.errors import UserError
 from btrm.modeling import check_pad_token, packed_rewards, resolve_attn_implementation, resolve_dtype
 from btrm.render import render_ids, render_text, tokenize_texts
 
 log = logging.getLogger(__name__)
 
 META_FILE = "btrm_meta.json"  # written by the trainer next to config.json: {"chat_template_kwargs", "max_length"}
-DEFAULT_MAX_LENGTH = 16384  # the Skywork-Reward-V2 training length
+# Scoring length cap when none is given: min(max_position_embeddings, 16384), the length released reward models are
+# evaluated at (Skywork-Reward-V2 card). The training length (btrm_meta.json) is kept as `train_max_length` and
+# shown, never used as the cap: benchmarks hold conversations far longer than a short training run's.
+DEFAULT_MAX_LENGTH = 16384
 PROGRESS_MIN = 256  # show a progress bar from this many conversations on (progress=None)
 _PROBE = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 
 Conversation = Sequence[dict]
 
 
-class OverlongError(ValueError):
+def usable_length(config) -> int:
+    """min(max_position_embeddings, 16384): the default scoring length of a model config."""
+    return min(getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
+
+
+class OverlongError(ValueError, UserError):
     """One input is longer than `max_length` tokens (and the policy does not cut it)."""
 
     def __init__(self, index: int, length: int, max_length: int, why: str = ""):
@@ -76,6 +85,8 @@ class RewardModel:
         self.batch_tokens = int(batch_tokens)
         self.truncation = truncation
         self.device = next(model.parameters()).device
+        self.train_max_length: int | None = None  # the training run's max_length (btrm_meta.json), for display
+        self.length_rule = "as given"  # where max_length came from, for display
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | Path, device: str | torch.device | None = None,
@@ -85,13 +96,16 @@ class RewardModel:
                         truncation: Literal["error", "left"] = "error") -> "RewardModel":
         """Load a one-label *ForSequenceClassification checkpoint (safetensors) and its tokenizer.
 
-        chat_template_kwargs / max_length default to the checkpoint's `btrm_meta.json` when present; max_length
-        otherwise is min(max_position_embeddings, 16384). attn_implementation "auto" packs without padding on
-        any device (segment SDPA on CPU, varlen / flash-attn on CUDA).
+        chat_template_kwargs defaults to the checkpoint's `btrm_meta.json` when present; max_length to
+        min(max_position_embeddings, 16384) (`usable_length`), whatever length the checkpoint was trained at
+        (`train_max_length`). attn_implementation "auto" packs without padding on any device (segment SDPA on
+        CPU, varlen / flash-attn on CUDA).
         """
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         path = str(path_or_hub_id)
+        if not Path(path).is_dir() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+            raise FileNotFoundError(f"{path}: no such checkpoint directory (and not a Hub id 'owner/name')")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         meta = read_meta(path)
         if chat_template_kwargs is None:
@@ -112,13 +126,18 @@ class RewardModel:
         head = getattr(model, "score", None)
         if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
             raise ValueError(f"{type(model).__name__} has no one-output `score` Linear head")
-        if max_length is None:
-            max_length = meta.get("max_length") or min(
-                getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
-        rm = cls(model, tokenizer, max_length=max_length, chat_template_kwargs=chat_template_kwargs,
-                 batch_tokens=batch_tokens, truncation=truncation)
+        rm = cls(model, tokenizer, max_length=max_length or usable_length(config),
+                 chat_template_kwargs=chat_template_kwargs, batch_tokens=batch_tokens, truncation=truncation)
+        rm.train_max_length = meta.get("max_length")
+        rm.length_rule = "as given" if max_length else (
+            f"min(max_position_embeddings {getattr(config, 'max_position_embeddings', None)}, {DEFAULT_MAX_LENGTH})")
         rm._check_checkpoint(config)
         return rm
+
+    def length_note(self) -> str:
+        """'max_length 16384 tokens (min(max_position_embeddings 131072, 16384)); trained at 512 (btrm_meta.json)'."""
+        trained = f"trained at {self.train_max_length}" if self.train_max_length else "training length not recorded"
+        return f"max_length {self.max_length} tokens ({self.length_rule}); {trained} (btrm_meta.json)"
 
     def _check_checkpoint(self, config) -> None:
         # HF / SGLang / vLLM pool the rightmost non-pad token: a pad id that ends every rendered conversation would
@@ -173,18 +192,29 @@ class RewardModel:
         """Cut prompt tokens from the left (after a leading BOS); the last turn, where the reward is read, stays."""
         if self.truncation == "error":
             raise OverlongError(index, len(ids), self.max_length)
+        if len(conversation) < 2:
+            raise OverlongError(index, len(ids), self.max_length, "no prompt turns to cut")
+        head, cuttable = self._cuttable(ids, conversation)
+        need = len(ids) - self.max_length
+        if cuttable < need:
+            raise OverlongError(index, len(ids), self.max_length,
+                                f"the last turn alone needs {len(ids) - cuttable} tokens")
+        return ids[:head] + ids[head + need:]
+
+    def _cuttable(self, ids: list[int], conversation: Conversation) -> tuple[int, int]:
+        """(tokens kept at the head: a leading BOS, prompt tokens that truncation='left' may cut)."""
         prompt = list(conversation)[:-1]
         if not prompt:
-            raise OverlongError(index, len(ids), self.max_length, "no prompt turns to cut")
-        prompt_ids = render_ids(self.tokenizer, prompt, self.chat_template_kwargs)
-        shared = common_prefix_len(ids, prompt_ids)
+            return 0, 0
+        shared = common_prefix_len(ids, render_ids(self.tokenizer, prompt, self.chat_template_kwargs))
         bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token else None
         head = 1 if bos is not None and ids and ids[0] == bos else 0
-        need = len(ids) - self.max_length
-        if shared - head < need:
-            raise OverlongError(index, len(ids), self.max_length,
-                                f"the last turn alone needs {len(ids) - shared + head} tokens")
-        return ids[:head] + ids[head + need:]
+        return head, max(shared - head, 0)
+
+    def cut_length(self, conversation: Conversation) -> int:
+        """Tokens left once truncation='left' has cut every prompt token: the least this conversation can take."""
+        ids = render_ids(self.tokenizer, conversation, self.chat_template_kwargs)
+        return len(ids) - self._cuttable(ids, conversation)[1]
 
     # ------------------------------------------------------------------------------------------------------------------
     # Scoring

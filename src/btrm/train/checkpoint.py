@@ -3,7 +3,7 @@
 Layout of `<output_dir>/checkpoint-<step>/`:
   model.safetensors, config.json (num_labels 1, pad_token_id), tokenizer files with the chat template
   btrm_config.yaml   the resolved training config
-  btrm_meta.json     render settings (chat_template_kwargs, max_length) scoring must reuse
+  btrm_meta.json     render settings scoring must reuse (chat_template_kwargs) and the training max_length (shown)
   trainer_state.json step and data position
   rng/rank<r>.json   per-rank RNG states
   ds/                DeepSpeed model/optimizer/scheduler state
