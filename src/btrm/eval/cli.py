@@ -24,6 +24,7 @@ import logging
 import sys
 from pathlib import Path
 
+from btrm import attention
 from btrm.eval.benchmarks import BENCHMARKS
 from btrm.eval.harness import POLICIES, evaluate, evaluate_suite, find_data, markdown_table, recompute
 
@@ -49,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-tokens", type=int, help="tokens packed into one forward (RewardModel default: 16384)")
     p.add_argument("--device", help="passed to RewardModel.from_pretrained (default: its own)")
     p.add_argument("--dtype", help="passed to RewardModel.from_pretrained (default: its own)")
+    p.add_argument("--attn-implementation", choices=attention.CHOICES, help=attention.help_text())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,7 +70,8 @@ def load_scorer(args: argparse.Namespace):
     from btrm.cpu import retain_freed_memory
     from btrm.render import render_ids
 
-    options = dict(device=args.device, dtype=args.dtype, max_length=args.max_length, batch_tokens=args.batch_tokens)
+    options = dict(device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
+                   max_length=args.max_length, batch_tokens=args.batch_tokens)
     model = RewardModel.from_pretrained(
         args.model,
         # under "score" the model gets over-long conversations: cut their prompt from the left, as RewardBench does
