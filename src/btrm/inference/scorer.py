@@ -18,9 +18,9 @@ from typing import Any, Literal, Sequence
 
 import torch
 
+from btrm import attention
 from btrm.data.dataset import common_prefix_len
 from btrm.data.packing import PackedBatch, best_fit_decreasing, pack_sequences
-from btrm import attention
 from btrm.modeling import check_pad_token, conversation_end_token, packed_rewards, resolve_dtype
 from btrm.render import render_ids, render_text, tokenize_texts
 
