@@ -22,6 +22,7 @@ from btrm.attention import SEGMENT, VARLEN, make_varlen_attention, probe_varlen,
 from btrm.data.packing import collate_pairs
 from btrm.loss import bt_loss
 from btrm.modeling import ensure_pad_token, load_reward_model, packed_rewards
+from btrm.render import render_ids
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Stand-ins for torch's varlen_attn: the exact signatures and argument checks, computed with per-segment SDPA.
@@ -122,7 +123,7 @@ def _conversations(tok, n):
     for i in range(n):
         msgs = [{"role": "user", "content": " ".join(words[:3 + (5 * i) % 9])},
                 {"role": "assistant", "content": " ".join(words[(2 * i) % 5:(2 * i) % 5 + 2 + i % 7])}]
-        out.append(tok.apply_chat_template(msgs, tokenize=True, return_dict=False))
+        out.append(render_ids(tok, msgs))
     return out
 
 
