@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 import btrm
+from btrm import attention
 from btrm.builtin import resolve_builtins
 from btrm.config import Config, dump_yaml, to_dict
 from btrm.cpu import retain_freed_memory, share_cpu_threads
@@ -23,7 +24,6 @@ from btrm.data.dataset import PreparedData, StepSampler, TokenizedPairs, prepare
 from btrm.data.packing import assign_to_ranks, best_fit_decreasing, collate_pairs, packing_efficiency
 from btrm.flops import model_shape, non_embedding_params, peak_flops, train_flops
 from btrm.loss import bt_loss, finalize_metrics
-from btrm import attention
 from btrm.modeling import (enable_activation_checkpointing, ensure_pad_token, load_reward_model, packed_rewards,
                            resolve_dtype)
 from btrm.train import checkpoint as ckpt
