@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import yaml
 
+from btrm.attention import CHOICES as ATTN_CHOICES
+
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names the dotted path."""
@@ -30,9 +32,10 @@ class ModelConfig:
     """Base model: a Hub id or a local directory (Llama-3.x / Qwen3 or any decoder with *ForSequenceClassification)."""
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     """Training precision. auto = bf16 on CUDA, fp32 on CPU."""
-    attn_implementation: Literal["auto", "flash_attention_2", "varlen", "segment", "sdpa", "eager"] = "auto"
-    """Packed attention. auto = flash_attention_2 if installed, else torch varlen on CUDA, else `segment` on CPU
-    (per-segment sdpa: cost sum(s_i^2), not T^2). sdpa/eager use transformers' dense mask from position_ids."""
+    attn_implementation: Literal[ATTN_CHOICES] = "auto"
+    """Packed attention, one of btrm.attention.BACKENDS. auto = the fastest that runs on the device in `dtype`:
+    flash_attention_2 if installed, else torch's varlen kernel (CUDA, bf16), else `segment` (per-segment sdpa,
+    cost sum(s_i^2), not T^2; any device and dtype). sdpa/eager use transformers' dense mask from position_ids."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (saves memory at ~30% more compute)."""
     pad_token: str | None = None

@@ -33,6 +33,7 @@ import logging
 import sys
 from pathlib import Path
 
+from btrm import attention
 from btrm.errors import UserError
 from btrm.eval.benchmarks import BENCHMARKS
 from btrm.eval.harness import (POLICIES, evaluate, fetch, find_data, hub_failure, load_benchmark, load_suite,
@@ -64,6 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-tokens", type=int, help="tokens packed into one forward (RewardModel default: 16384)")
     p.add_argument("--device", help="passed to RewardModel.from_pretrained (default: its own)")
     p.add_argument("--dtype", help="passed to RewardModel.from_pretrained (default: its own)")
+    p.add_argument("--attn-implementation", choices=attention.CHOICES, help=attention.help_text())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,7 +107,8 @@ def load_scorer(args: argparse.Namespace):
     from btrm.cpu import retain_freed_memory
     from btrm.render import render_ids
 
-    options = dict(device=args.device, dtype=args.dtype, max_length=args.max_length, batch_tokens=args.batch_tokens)
+    options = dict(device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
+                   max_length=args.max_length, batch_tokens=args.batch_tokens)
     model = RewardModel.from_pretrained(
         args.model,
         # under "truncate" the model gets over-long conversations: it cuts their prompt from the left

@@ -21,6 +21,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from btrm import attention
 from btrm.config import SourceConfig
 from btrm.cpu import retain_freed_memory
 from btrm.data.sources import BadRow, iter_raw_rows, normalize_row, validate_messages
@@ -42,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-rows", type=int, default=4096, help="rows read, scored and written at a time")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
-    p.add_argument("--attn-implementation", default="auto", help="auto, segment, varlen, flash_attention_2, sdpa")
+    p.add_argument("--attn-implementation", default="auto", choices=attention.CHOICES, help=attention.help_text())
     p.add_argument("--max-length", type=int, default=None, help="longest conversation in tokens "
                    "(default: min(max_position_embeddings, 16384), not the training length)")
     p.add_argument("--truncation", choices=["error", "left"], default="error",

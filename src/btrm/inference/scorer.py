@@ -18,10 +18,11 @@ from typing import Any, Literal, Sequence
 
 import torch
 
+from btrm import attention
 from btrm.data.dataset import common_prefix_len
 from btrm.data.packing import PackedBatch, best_fit_decreasing, pack_sequences
 from btrm.errors import UserError
-from btrm.modeling import check_pad_token, packed_rewards, resolve_attn_implementation, resolve_dtype
+from btrm.modeling import check_pad_token, conversation_end_token, packed_rewards, resolve_dtype
 from btrm.render import render_ids, render_text, tokenize_texts
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ META_FILE = "btrm_meta.json"  # written by the trainer next to config.json: {"ch
 # shown, never used as the cap: benchmarks hold conversations far longer than a short training run's.
 DEFAULT_MAX_LENGTH = 16384
 PROGRESS_MIN = 256  # show a progress bar from this many conversations on (progress=None)
-_PROBE = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 
 Conversation = Sequence[dict]
 
@@ -98,8 +98,8 @@ class RewardModel:
 
         chat_template_kwargs defaults to the checkpoint's `btrm_meta.json` when present; max_length to
         min(max_position_embeddings, 16384) (`usable_length`), whatever length the checkpoint was trained at
-        (`train_max_length`). attn_implementation "auto" packs without padding on any device (segment SDPA on
-        CPU, varlen / flash-attn on CUDA).
+        (`train_max_length`). attn_implementation "auto" packs without padding on any device: the fastest backend
+        of btrm.attention that runs on `device` in `dtype`.
         """
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -115,9 +115,10 @@ class RewardModel:
         # Like the model card (num_labels=1): a checkpoint with another head shape fails to load instead of
         # silently getting a fresh head.
         config.num_labels = 1
+        dtype = resolve_dtype(dtype, device)
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=resolve_dtype(dtype, device), device_map={"": device},  # straight onto the device
-            attn_implementation=resolve_attn_implementation(attn_implementation, device),
+            path, config=config, dtype=dtype, device_map={"": device},  # straight onto the device
+            attn_implementation=attention.select(attn_implementation, device, dtype),
             trust_remote_code=trust_remote_code, use_safetensors=True, output_loading_info=True)
         missing = list(info.get("missing_keys") or [])
         if missing:
@@ -142,7 +143,7 @@ class RewardModel:
     def _check_checkpoint(self, config) -> None:
         # HF / SGLang / vLLM pool the rightmost non-pad token: a pad id that ends every rendered conversation would
         # make them read rewards one token early, so such a checkpoint cannot score consistently anywhere.
-        last = render_ids(self.tokenizer, _PROBE, self.chat_template_kwargs)[-1]
+        last = conversation_end_token(self.tokenizer, self.chat_template_kwargs)
         if config.pad_token_id is None:
             log.warning("config has no pad_token_id: HF batched scoring cannot pool it (our packed path, SGLang "
                         "and one-at-a-time HF scoring are unaffected)")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 
 from btrm.config import Config
+
+log = logging.getLogger(__name__)
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -45,4 +48,7 @@ def build_ds_config(cfg: Config, world_size: int, dtype: torch.dtype, device_typ
     }
     if dtype == torch.bfloat16 and ds.zero_stage >= 1:
         out["data_types"] = {"grad_accum_dtype": "fp32"}
+    elif dtype == torch.bfloat16:  # DeepSpeed has no fp32 accumulation without ZeRO (it raises for that mix)
+        log.warning("deepspeed.zero_stage=0 with bf16 accumulates gradients in bf16 (DeepSpeed's DDP_BFLOAT16 "
+                    "path), losing precision over micro-steps: use deepspeed.zero_stage >= 1")
     return _merge(out, ds.extra)

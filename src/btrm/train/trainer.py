@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 import btrm
+from btrm import attention
 from btrm.builtin import resolve_builtins
 from btrm.config import Config, dump_yaml, to_dict
 from btrm.cpu import retain_freed_memory, share_cpu_threads
@@ -24,7 +25,7 @@ from btrm.data.packing import assign_to_ranks, best_fit_decreasing, collate_pair
 from btrm.flops import model_shape, non_embedding_params, peak_flops, train_flops
 from btrm.loss import bt_loss, finalize_metrics
 from btrm.modeling import (enable_activation_checkpointing, ensure_pad_token, load_reward_model, packed_rewards,
-                           resolve_attn_implementation, resolve_dtype)
+                           resolve_dtype)
 from btrm.train import checkpoint as ckpt
 from btrm.train.ds_config import build_ds_config
 from btrm.train.logger import build_logger
@@ -184,7 +185,7 @@ class Trainer:
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds = HfDeepSpeedConfig(self.ds_config)  # must be alive during from_pretrained: partitioned load
-        attn = resolve_attn_implementation(cfg.model.attn_implementation, d.device)
+        attn = attention.select(cfg.model.attn_implementation, d.device, self.dtype)
         rm = load_reward_model(cfg.model.name_or_path, self.tokenizer, dtype=self.dtype, attn_implementation=attn,
                                trust_remote_code=cfg.model.trust_remote_code, head_init_std=cfg.model.head_init_std,
                                seed=cfg.train.seed)
