@@ -189,3 +189,30 @@ def test_stats_writes_png_and_lengths(two_sources, tmp_path):
     assert report["pair_tokens"]["count"] == 8
     assert report["share_conversations_over_max_length"] == pytest.approx(sum(x > 40 for x in lens) / len(lens))
     assert (digest(a), digest(b)) == before
+
+
+@pytest.mark.parametrize("command", ["clean", "dedup", "decontaminate", "stats", "swap"])
+def test_num_proc_gives_identical_output(two_sources, tmp_path, monkeypatch, command):
+    """Chunks of 2 rows spread over 1, 2 and 3 workers: same output bytes and report (incl. invalid-row counts
+    and the first example of each reason, which depend on input order)."""
+    from btrm.data import curate
+    from btrm.tiny import build_tokenizer
+
+    monkeypatch.setattr(curate, "CHUNK_ROWS", 2)
+    a, b = two_sources
+    bad = write_jsonl(tmp_path / "bad.jsonl", [row("q", "", "x"), {"chosen": conv("q", "a")}, row("q", "a", "b"),
+                                               row("Say hi.", "Hi!", "No."), row("q", "", "y")])
+    bench = write_jsonl(tmp_path / "bench.jsonl", [{"prompt": "what is 2 2"}, {"prompt": "count to three"}])
+    options = {"decontaminate": dict(benchmark_files=[str(bench)], ngram=2),
+               "stats": dict(tokenizer=build_tokenizer("llama3"), max_length=20)}.get(command, {})
+    sources = [SourceConfig(path=str(p)) for p in (a, bad, b)]
+    outputs = []
+    for n in (1, 2, 3):
+        out = tmp_path / f"n{n}" / ("s.json" if command == "stats" else "out.jsonl")
+        report = run_command(command, sources, out, num_proc=n, **options)
+        check_accounting(report)
+        report.pop("output"), report.pop("histogram", None)
+        data = b"" if command == "stats" else out.read_bytes()
+        outputs.append((data, report))
+    assert outputs[0][1]["totals"]["removed"] > 0
+    assert outputs[1] == outputs[0] and outputs[2] == outputs[0]

@@ -25,17 +25,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import sys
 import unicodedata
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
 
 from btrm.config import SourceConfig
 from btrm.data.pairs import Pair
-from btrm.data.sources import BadRow, DataReport, iter_pairs, iter_raw_rows, source_files, source_name
+from btrm.data.sources import BadRow, DataReport, iter_raw_rows, source_files, source_name, validate_rows
 
 OUTPUT_SUFFIXES = (".jsonl", ".parquet")
 BENCHMARK_FIELDS = ("prompt", "question", "conversation_input")
@@ -74,10 +78,76 @@ class Tally:
         }
 
 
-def read_pairs(sources: list[SourceConfig], tally: Tally, strict: bool = False) -> Iterator[Pair]:
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading in parallel: the main process reads raw rows (jsonl lines unparsed) in chunks; `num_proc` worker processes
+# parse, validate and run the step's per-pair work (`annotate`: a hash, an n-gram match, token lengths) on whole
+# chunks; the main process takes the results back in input order and makes every order-dependent decision (first
+# occurrence, counts, writing). So the output is the same for any num_proc, and chunk size only sets memory.
+
+CHUNK_ROWS = 4096
+Annotate = Callable[[list[Pair]], Any]  # chunk of pairs -> one value per pair (a list or an array)
+
+_WORKER: dict[str, Any] = {}  # per process: sources, strict, annotate
+
+
+def _init_worker(sources: list[SourceConfig], strict: bool, annotate: Annotate | None) -> None:
+    _WORKER.update(sources=sources, strict=strict, annotate=annotate)
+
+
+def _work(chunk: tuple[int, list[tuple[str, Any]]]) -> tuple[DataReport, list[Pair], Any]:
+    k, rows = chunk
+    report = DataReport()
+    pairs = list(validate_rows(_WORKER["sources"][k], rows, report, _WORKER["strict"]))
+    annotate = _WORKER["annotate"]
+    return report, pairs, (annotate(pairs) if annotate is not None and pairs else None)
+
+
+def _raw_chunks(sources: list[SourceConfig], rows: int) -> Iterator[tuple[int, list[tuple[str, Any]]]]:
+    for k, src in enumerate(sources):
+        chunk = []
+        for item in iter_raw_rows(src, parse=False):
+            chunk.append(item)
+            if len(chunk) == rows:
+                yield k, chunk
+                chunk = []
+        if chunk:
+            yield k, chunk
+
+
+def read_chunks(sources: list[SourceConfig], tally: Tally, strict: bool = False, num_proc: int = 1,
+                annotate: Annotate | None = None) -> Iterator[tuple[list[Pair], Any]]:
+    """(valid pairs, annotate(pairs)) per chunk of raw rows, in input order; invalid rows are counted in
+    `tally.data` (or raised when strict: the first bad row in input order). At most 2 * num_proc chunks in flight."""
+    if num_proc < 1:
+        raise ValueError(f"--num-proc must be >= 1, got {num_proc}")
+    chunks = _raw_chunks(sources, CHUNK_ROWS)
+    if num_proc == 1:  # the same code in this process
+        _init_worker(sources, strict, annotate)
+        results: Iterable = map(_work, chunks)
+        for report, pairs, info in results:
+            tally.data.merge(report)
+            yield pairs, info
+        return
+    methods = multiprocessing.get_all_start_methods()  # fork: workers inherit the index / tokenizer, no pickling
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with ctx.Pool(num_proc, _init_worker, (sources, strict, annotate)) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_work, (chunk,)))
+            if len(pending) >= 2 * num_proc:
+                report, pairs, info = pending.popleft().get()
+                tally.data.merge(report)
+                yield pairs, info
+        while pending:
+            report, pairs, info = pending.popleft().get()
+            tally.data.merge(report)
+            yield pairs, info
+
+
+def read_pairs(sources: list[SourceConfig], tally: Tally, strict: bool = False, num_proc: int = 1) -> Iterator[Pair]:
     """Valid pairs of all sources in order; invalid rows are counted in `tally.data` (or raised when strict)."""
-    for src in sources:
-        yield from iter_pairs(src, tally.data, strict)
+    for pairs, _ in read_chunks(sources, tally, strict, num_proc):
+        yield from pairs
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -163,27 +233,76 @@ def _norm_ws(text: str) -> str:
     return " ".join(text.split())
 
 
-def dedup_key(pair: Pair) -> bytes:
-    """16-byte digest of the normalised (history, chosen response, rejected response)."""
+def dedup_key(pair: Pair) -> int:
+    """64-bit digest of the normalised (history, chosen response, rejected response). Two different pairs share a
+    key with probability n^2 / 2^65 over n pairs: < 1e-4 for 40M pairs."""
     key = [[[m["role"], _norm_ws(m["content"])] for m in pair.prompt],
            _norm_ws(pair.chosen[-1]["content"]), _norm_ws(pair.rejected[-1]["content"])]
-    return hashlib.blake2b(json.dumps(key, ensure_ascii=False).encode(), digest_size=16).digest()
+    return int.from_bytes(hashlib.blake2b(json.dumps(key, ensure_ascii=False).encode(), digest_size=8).digest(),
+                          "little")
 
 
-def dedup(pairs: Iterable[Pair], tally: Tally, details: dict) -> Iterator[Pair]:
+def dedup_keys(pairs: list[Pair]) -> np.ndarray:
+    """The dedup step's per-pair work (run in the workers)."""
+    return np.fromiter((dedup_key(p) for p in pairs), dtype=np.uint64, count=len(pairs))
+
+
+class SeenKeys:
+    """The first source of every key seen so far, in sorted numpy runs merged when a run reaches the size of the one
+    before it (a log-structured set): 8 bytes of key + 2 of source per distinct pair, about twice that while two
+    runs merge, so memory is ~10-20 MB per million distinct pairs (not ~100 MB with a Python dict)."""
+
+    def __init__(self):
+        self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted keys uint64, source index uint16)
+
+    def __len__(self) -> int:
+        return sum(len(k) for k, _ in self.runs)
+
+    def add(self, keys: np.ndarray, sources: np.ndarray) -> np.ndarray:
+        """For a chunk in input order: the source index of each key's earlier occurrence, or -1 for first ones
+        (which are then remembered)."""
+        first_of = np.full(len(keys), -1, dtype=np.int64)
+        uniq, first_pos, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        earlier = np.full(len(uniq), -1, dtype=np.int64)
+        for run_keys, run_src in self.runs:
+            i = np.minimum(np.searchsorted(run_keys, uniq), len(run_keys) - 1)
+            hit = (run_keys[i] == uniq) & (earlier < 0)
+            earlier[hit] = run_src[i[hit]]
+        new = earlier < 0
+        # within the chunk, every occurrence after the first is a duplicate of the first
+        earlier_in_chunk = np.where(new, sources[first_pos], earlier)[inverse]
+        later = np.arange(len(keys)) != first_pos[inverse]
+        first_of[later | ~new[inverse]] = earlier_in_chunk[later | ~new[inverse]]
+        if new.any():
+            self.runs.append((uniq[new], sources[first_pos[new]].astype(np.uint16)))
+            while len(self.runs) > 1 and len(self.runs[-1][0]) >= len(self.runs[-2][0]):
+                (k2, s2), (k1, s1) = self.runs.pop(), self.runs.pop()
+                k, src = np.concatenate([k1, k2]), np.concatenate([s1, s2])
+                order = np.argsort(k, kind="stable")
+                self.runs.append((k[order], src[order]))
+        return first_of
+
+
+def dedup(chunks: Iterable[tuple[list[Pair], np.ndarray]], tally: Tally, details: dict) -> Iterator[Pair]:
     """Keep the first occurrence of each key across all sources; details['duplicate_of'][src][first_src] = n."""
-    first: dict[bytes, str] = {}
+    seen = SeenKeys()
+    names: dict[str, int] = {}
     duplicate_of: dict[str, Counter] = defaultdict(Counter)
-    for pair in pairs:
-        key = dedup_key(pair)
-        seen = first.get(key)
-        if seen is None:
-            first[key] = pair.source
-            yield pair
-        else:
-            tally.remove(pair, "duplicate")
-            duplicate_of[pair.source][seen] += 1
-    details["duplicate_of"] = {s: dict(c) for s, c in duplicate_of.items()}
+    for pairs, keys in chunks:
+        if not pairs:
+            continue
+        src = np.fromiter((names.setdefault(p.source, len(names)) for p in pairs), dtype=np.int64, count=len(pairs))
+        if len(names) > 65535:
+            raise ValueError("dedup counts at most 65,535 distinct source names")
+        for pair, first in zip(pairs, seen.add(keys, src).tolist()):
+            if first < 0:
+                yield pair
+            else:
+                tally.remove(pair, "duplicate")
+                duplicate_of[pair.source][first] += 1
+    by_index = list(names)
+    details["duplicate_of"] = {s: {by_index[k]: n for k, n in c.items()} for s, c in duplicate_of.items()}
+    details["distinct_keys"] = len(seen)
 
 
 _PUNCT: dict[int, None] | None = None
@@ -260,20 +379,25 @@ class BenchmarkIndex:
         return None
 
 
-def decontaminate(pairs: Iterable[Pair], index: BenchmarkIndex, tally: Tally, details: dict,
+def match_all(index: BenchmarkIndex, pairs: list[Pair]) -> list[tuple[str, int] | None]:
+    """The decontaminate step's per-pair work (run in the workers)."""
+    return [index.match(p) for p in pairs]
+
+
+def decontaminate(chunks: Iterable[tuple[list[Pair], list]], index: BenchmarkIndex, tally: Tally, details: dict,
                   max_examples: int = 20) -> Iterator[Pair]:
     per_file: Counter = Counter()
     examples = []
-    for pair in pairs:
-        hit = index.match(pair)
-        if hit is None:
-            yield pair
-            continue
-        tally.remove(pair, "contaminated")
-        per_file[index.files[hit[1]]] += 1
-        if len(examples) < max_examples:
-            examples.append({"origin": pair.origin, "source": pair.source, "benchmark": index.files[hit[1]],
-                             "ngram": hit[0]})
+    for pairs, hits in chunks:
+        for pair, hit in zip(pairs, hits or ()):
+            if hit is None:
+                yield pair
+                continue
+            tally.remove(pair, "contaminated")
+            per_file[index.files[hit[1]]] += 1
+            if len(examples) < max_examples:
+                examples.append({"origin": pair.origin, "source": pair.source, "benchmark": index.files[hit[1]],
+                                 "ngram": hit[0]})
     details["benchmarks"] = {f: {**index.stats[f], "pairs_matched": per_file[f]} for f in index.files}
     details["contaminated_examples"] = examples
 
@@ -287,8 +411,6 @@ def swap(pairs: Iterable[Pair]) -> Iterator[Pair]:
 
 
 def _percentiles(values) -> dict[str, float]:
-    import numpy as np
-
     a = np.asarray(values)
     if a.size == 0:
         return {"count": 0}
@@ -297,47 +419,44 @@ def _percentiles(values) -> dict[str, float]:
             "p99": float(p99), "max": int(a.max())}
 
 
-def length_stats(pairs: Iterable[Pair], tokenizer, chat_template_kwargs: dict | None, max_length: int,
-                 max_tokens: int, batch_pairs: int = 512) -> tuple[dict, list[int]]:
-    """Token lengths through the shared render function: per conversation and per pair (chosen + rejected),
-    overall and per source, and the shares training would treat as over-long."""
+def pair_lengths(tokenizer, chat_template_kwargs: dict | None, pairs: list[Pair]) -> np.ndarray:
+    """The stats step's per-pair work (run in the workers): rendered token lengths, shape (pairs, 2)."""
     from btrm.render import render_text, tokenize_texts
 
-    conv: list[int] = []
-    pair_len: dict[str, list[int]] = defaultdict(list)
-    over_len = over_tokens = 0
+    texts = [render_text(tokenizer, c, chat_template_kwargs) for p in pairs for c in (p.chosen, p.rejected)]
+    lens = [len(ids) for ids in tokenize_texts(tokenizer, texts)]
+    return np.asarray(lens, dtype=np.int64).reshape(-1, 2)
 
-    def flush(batch: list[Pair]) -> None:
-        nonlocal over_len, over_tokens
-        texts = [render_text(tokenizer, c, chat_template_kwargs) for p in batch for c in (p.chosen, p.rejected)]
-        lens = [len(ids) for ids in tokenize_texts(tokenizer, texts)]
-        for p, c, r in zip(batch, lens[0::2], lens[1::2]):
-            conv.extend((c, r))
-            pair_len[p.source].append(c + r)
-            over_len += max(c, r) > max_length
-            over_tokens += c + r > max_tokens
 
-    batch: list[Pair] = []
-    for pair in pairs:
-        batch.append(pair)
-        if len(batch) == batch_pairs:
-            flush(batch)
-            batch = []
-    flush(batch)
-    n = sum(len(v) for v in pair_len.values())
+def length_stats(chunks: Iterable[tuple[list[Pair], np.ndarray]], max_length: int,
+                 max_tokens: int) -> tuple[dict, np.ndarray]:
+    """Token lengths through the shared render function: per conversation and per pair (chosen + rejected),
+    overall and per source, and the shares training would treat as over-long."""
+    per_source: dict[str, list[np.ndarray]] = defaultdict(list)
+    parts = []
+    for pairs, lens in chunks:
+        if not pairs:
+            continue
+        parts.append(lens)
+        src = np.asarray([p.source for p in pairs], dtype=object)
+        for name in dict.fromkeys(src.tolist()):
+            per_source[name].append(lens[src == name].sum(axis=1))
+    lens = np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
+    conv, pair_len = lens.reshape(-1), lens.sum(axis=1)
+    n = len(lens)
     stats = {
         "conversation_tokens": _percentiles(conv),
-        "pair_tokens": _percentiles([x for v in pair_len.values() for x in v]),
-        "pair_tokens_by_source": {s: _percentiles(v) for s, v in sorted(pair_len.items())},
+        "pair_tokens": _percentiles(pair_len),
+        "pair_tokens_by_source": {s: _percentiles(np.concatenate(v)) for s, v in sorted(per_source.items())},
         "max_length": max_length, "max_tokens": max_tokens,
-        "share_conversations_over_max_length": round(sum(x > max_length for x in conv) / max(len(conv), 1), 6),
-        "share_pairs_over_max_length": round(over_len / max(n, 1), 6),
-        "share_pairs_over_max_tokens": round(over_tokens / max(n, 1), 6),
+        "share_conversations_over_max_length": round(int((conv > max_length).sum()) / max(len(conv), 1), 6),
+        "share_pairs_over_max_length": round(int((lens.max(axis=1, initial=0) > max_length).sum()) / max(n, 1), 6),
+        "share_pairs_over_max_tokens": round(int((pair_len > max_tokens).sum()) / max(n, 1), 6),
     }
     return stats, conv
 
 
-def plot_histogram(lengths: list[int], max_length: int, path: Path, title: str) -> None:
+def plot_histogram(lengths, max_length: int, path: Path, title: str) -> None:
     try:
         import matplotlib
     except ImportError:
@@ -347,7 +466,7 @@ def plot_histogram(lengths: list[int], max_length: int, path: Path, title: str) 
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.hist(lengths, bins=60, color="#4D5EFF")
-    longest = max(lengths, default=0)
+    longest = int(np.max(lengths, initial=0))
     label = f"max_length = {max_length:,}"
     if max_length <= 2 * longest:  # draw the limit where it does not squash the data into one bar
         ax.axvline(max_length, color="#D33", linestyle="--", label=label)
@@ -364,14 +483,17 @@ def plot_histogram(lengths: list[int], max_length: int, path: Path, title: str) 
 # One command end to end
 
 
-COMMANDS = ("stats", "clean", "dedup", "decontaminate", "swap")
+COMMANDS = ("stats", "clean", "dedup", "decontaminate", "swap", "filter")
 
 
 def run_command(command: str, sources: list[SourceConfig], output: str | Path, *, strict: bool = False,
-                benchmark_files: list[str] | None = None, ngram: int = 13, tokenizer=None,
-                chat_template_kwargs: dict | None = None, max_length: int = 16384,
-                max_tokens: int = 16384) -> dict[str, Any]:
-    """Run one curation command; returns the report it also writes next to `output`."""
+                num_proc: int = 1, benchmark_files: list[str] | None = None, ngram: int = 13, tokenizer=None,
+                chat_template_kwargs: dict | None = None, max_length: int = 16384, max_tokens: int = 16384,
+                score=None, scorer_info: dict | None = None, rule=None) -> dict[str, Any]:
+    """Run one curation command; returns the report it also writes next to `output`.
+
+    num_proc: worker processes that parse, validate and do each pair's work (the output is the same for any value).
+    filter: `score` (rm_filter.local_scorer / remote_scorer) and `rule` (rm_filter.FilterRule)."""
     if command not in COMMANDS:
         raise ValueError(f"unknown command {command!r}; expected one of {COMMANDS}")
     if not sources:
@@ -381,11 +503,11 @@ def run_command(command: str, sources: list[SourceConfig], output: str | Path, *
     output.parent.mkdir(parents=True, exist_ok=True)
     tally = Tally()
     details: dict[str, Any] = {}
-    settings: dict[str, Any] = {}
-    pairs: Iterable[Pair] = read_pairs(sources, tally, strict)
+    settings: dict[str, Any] = {}  # num_proc is not a setting: the report is the same for any value
+    annotate: Annotate | None = None
     if command == "dedup":
         settings["key"] = "(history, chosen, rejected); whitespace stripped and runs collapsed; case kept"
-        pairs = dedup(pairs, tally, details)
+        annotate = dedup_keys
     elif command == "decontaminate":
         if not benchmark_files:
             raise ValueError("decontaminate needs --benchmark-prompts FILE [FILE ...]")
@@ -393,9 +515,14 @@ def run_command(command: str, sources: list[SourceConfig], output: str | Path, *
         settings.update(ngram=ngram, unit="whitespace words, lower-cased, punctuation deleted",
                         turns="user turns of the pair vs benchmark prompt fields " + "/".join(BENCHMARK_FIELDS),
                         benchmark_ngrams=len(index.grams))
-        pairs = decontaminate(pairs, index, tally, details)
-    elif command == "swap":
-        pairs = swap(pairs)
+        annotate = partial(match_all, index)
+    elif command == "stats":
+        if tokenizer is None:
+            raise ValueError("stats needs a tokenizer (--tokenizer, or a --config whose model it loads)")
+        annotate = partial(pair_lengths, tokenizer, chat_template_kwargs)
+    elif command == "filter" and (score is None or rule is None):
+        raise ValueError("filter needs a scorer (--model or --server) and a rule (--max-disagreement, --margin-band)")
+    chunks = read_chunks(sources, tally, strict, num_proc, annotate)
 
     def counted(stream: Iterable[Pair]) -> Iterator[Pair]:
         for p in stream:
@@ -403,14 +530,30 @@ def run_command(command: str, sources: list[SourceConfig], output: str | Path, *
             yield p
 
     if command == "stats":
-        if tokenizer is None:
-            raise ValueError("stats needs a tokenizer (--tokenizer, or a --config whose model it loads)")
-        details, conv = length_stats(counted(pairs), tokenizer, chat_template_kwargs, max_length, max_tokens)
+        def counted_chunks():
+            for pairs, lens in chunks:
+                tally.kept.update(p.source for p in pairs)
+                yield pairs, lens
+
+        details, conv = length_stats(counted_chunks(), max_length, max_tokens)
         settings["chat_template_kwargs"] = chat_template_kwargs or {}
         png = output.with_suffix(".png")
         plot_histogram(conv, max_length, png, f"{', '.join(source_name(s) for s in sources)}")
         details["histogram"] = str(png)
     else:
+        if command == "dedup":
+            pairs: Iterable[Pair] = dedup(chunks, tally, details)
+        elif command == "decontaminate":
+            pairs = decontaminate(chunks, index, tally, details)
+        elif command == "filter":
+            from btrm.data.rm_filter import rm_filter, scores_path
+
+            settings.update(rule.settings(), scorer=scorer_info or {})
+            pairs = rm_filter(chunks, score, rule, tally, details, scores_path(output))
+        else:
+            pairs = (p for chunk, _ in chunks for p in chunk)
+            if command == "swap":
+                pairs = swap(pairs)
         with PairWriter(output) as writer:
             for pair in counted(pairs):
                 writer.write(pair)
