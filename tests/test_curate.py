@@ -216,3 +216,43 @@ def test_num_proc_gives_identical_output(two_sources, tmp_path, monkeypatch, com
         outputs.append((data, report))
     assert outputs[0][1]["totals"]["removed"] > 0
     assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
+
+
+@pytest.mark.slow
+def test_filter_removes_flipped_labels(trained_checkpoint, tmp_path):
+    """10% of labels flipped; the trained model separates the synthetic labels, so removing the pairs it contradicts
+    by more than 1 raises the kept set's label agreement. Removals per source match the model's own rewards."""
+    from btrm.inference.scorer import RewardModel
+    from btrm.tiny import make_preference_rows
+
+    rows = [{k: v for k, v in r.items() if k != "source"}  # count per file: a, b
+            for r in make_preference_rows(300, seed=7)]  # not the training pairs (seed 0)
+    flipped = set(range(0, len(rows), 10))
+    rows = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} if i in flipped else r for i, r in enumerate(rows)]
+    a = write_jsonl(tmp_path / "a.jsonl", rows[:150])
+    b = write_jsonl(tmp_path / "b.jsonl", rows[150:])
+    out = tmp_path / "kept.jsonl"
+    assert btrm("filter", "--source", a, "--source", b, "--model", trained_checkpoint, "--max-disagreement", 1,
+                "--num-proc", 2, "--output", out) == 0
+    report = json.loads((tmp_path / "kept.report.json").read_text())
+    kept = read_back(out)
+    check_accounting(report, len(kept))
+
+    rm = RewardModel.from_pretrained(trained_checkpoint)
+    scores = rm.score_pairs([r["chosen"] for r in rows], [r["rejected"] for r in rows])
+    contradicted = [s.chosen - s.rejected < -1 for s in scores]
+    assert report["removed"] == {src: {"disagreement": sum(contradicted[lo:hi])}
+                                 for src, lo, hi in (("a", 0, 150), ("b", 150, 300)) if sum(contradicted[lo:hi])}
+    flipped_chosen = {json.dumps(rows[i]["chosen"]) for i in flipped}
+    agreement_before = 1 - len(flipped) / len(rows)
+    agreement_after = sum(json.dumps(p.chosen) not in flipped_chosen for p in kept) / len(kept)
+    assert agreement_after > agreement_before + 0.03, (agreement_before, agreement_after)
+    lines = [json.loads(x) for x in (tmp_path / "kept.scores.jsonl").read_text().splitlines()]
+    assert [x["verdict"] == "disagreement" for x in lines] == contradicted  # every pair, in input order
+
+    # --flag keeps everything and counts the same verdicts
+    out = tmp_path / "flagged.parquet"
+    assert btrm("filter", "--source", a, "--source", b, "--model", trained_checkpoint, "--max-disagreement", 1,
+                "--flag", "--output", out) == 0
+    flagged = json.loads((tmp_path / "flagged.report.json").read_text())
+    assert flagged["totals"]["kept"] == len(rows) and flagged["flagged"] == report["removed"]

@@ -57,8 +57,8 @@ class Tally:
     removed: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))  # source -> reason -> n
     kept: Counter = field(default_factory=Counter)
 
-    def remove(self, pair: Pair, reason: str) -> None:
-        self.removed[pair.source][reason] += 1
+    def remove(self, source: str, reason: str) -> None:
+        self.removed[source][reason] += 1
 
     def report(self) -> dict[str, Any]:
         sources = list(dict.fromkeys([*self.data.read, *self.removed]))  # in reading order
@@ -79,27 +79,124 @@ class Tally:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def pair_row(pair: Pair) -> dict[str, Any]:
+    return {"chosen": pair.chosen, "rejected": pair.rejected, "source": pair.source, "category": pair.category,
+            "margin": pair.margin}
+
+
+def parquet_schema():
+    import pyarrow as pa
+
+    msg = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    return pa.schema([("chosen", msg), ("rejected", msg), ("source", pa.string()), ("category", pa.string()),
+                      ("margin", pa.float64())])
+
+
+def encode_rows(pairs: list[Pair], suffix: str):
+    """Pairs as the output file holds them: jsonl lines (optional fields only when set) or a pyarrow Table."""
+    rows = [pair_row(p) for p in pairs]
+    if suffix == ".jsonl":
+        return [json.dumps({k: v for k, v in r.items() if v is not None}, ensure_ascii=False) + "\n" for r in rows]
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(rows, schema=parquet_schema())
+
+
+class PairWriter:
+    """Writes encoded chunks (`encode_rows`) to .jsonl or .parquet; the file appears under its name only once
+    complete."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.suffix not in OUTPUT_SUFFIXES:
+            raise ValueError(f"--output must end in {' or '.join(OUTPUT_SUFFIXES)}: {self.path}")
+        self.tmp = self.path.with_name(f".{self.path.name}.partial")
+        self._file = self._parquet = None
+
+    def __enter__(self) -> "PairWriter":
+        if self.path.suffix == ".jsonl":
+            self._file = self.tmp.open("w", encoding="utf-8")
+        else:
+            import pyarrow.parquet as pq
+
+            self._parquet = pq.ParquetWriter(self.tmp, parquet_schema())
+        return self
+
+    def write(self, rows, keep: list[bool] | None = None) -> None:
+        """The rows of one encoded chunk, only those with keep[i] when given."""
+        if self._file is not None:
+            self._file.writelines(rows if keep is None else (r for r, k in zip(rows, keep) if k))
+            return
+        if keep is not None:
+            import pyarrow as pa
+
+            rows = rows.filter(pa.array(keep, type=pa.bool_()))
+        if rows.num_rows:
+            self._parquet.write_table(rows)
+
+    def __exit__(self, exc_type, *_) -> None:
+        if self._file is not None:
+            self._file.close()
+        else:
+            self._parquet.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Reading in parallel: the main process reads raw rows (jsonl lines unparsed) in chunks; `num_proc` worker processes
-# parse, validate and run the step's per-pair work (`annotate`: a hash, an n-gram match, token lengths) on whole
-# chunks; the main process takes the results back in input order and makes every order-dependent decision (first
-# occurrence, counts, writing). So the output is the same for any num_proc, and chunk size only sets memory.
+# parse and validate them, do the step's per-pair work (`annotate`: a hash, an n-gram match, token lengths) and encode
+# the output rows; the main process takes the chunks back in input order and makes every order-dependent decision
+# (first occurrence, counts) and writes. So the output is the same for any num_proc; chunk size only sets memory.
 
 CHUNK_ROWS = 4096
 Annotate = Callable[[list[Pair]], Any]  # chunk of pairs -> one value per pair (a list or an array)
 
-_WORKER: dict[str, Any] = {}  # per process: sources, strict, annotate
+
+@dataclass
+class Chunk:
+    """What the main process gets back for one chunk of raw rows."""
+
+    report: DataReport  # rows read / invalid in this chunk
+    sources: list[str]  # per valid pair
+    origins: list[str]
+    info: Any  # annotate(pairs), or None
+    rows: Any  # the valid pairs encoded for the output (encode_rows), or None when there is no output
 
 
-def _init_worker(sources: list[SourceConfig], strict: bool, annotate: Annotate | None) -> None:
-    _WORKER.update(sources=sources, strict=strict, annotate=annotate)
+@dataclass
+class Job:
+    """What every worker needs, set once per process."""
+
+    sources: list[SourceConfig]
+    strict: bool = False
+    annotate: Annotate | None = None
+    swap: bool = False  # write chosen and rejected exchanged
+    suffix: str | None = None  # output format to encode the rows in
 
 
-def _work(chunk: tuple[int, list[tuple[str, Any]]]) -> tuple[DataReport, list[Pair], Any]:
-    k, rows = chunk
+_JOB: list[Job] = []
+
+
+def _init_worker(job: Job) -> None:
+    _JOB[:] = [job]
+
+
+def _work(chunk: tuple[int, list[tuple[str, Any]]]) -> Chunk:
+    job = _JOB[0]
+    k, raw = chunk
     report = DataReport()
-    pairs = list(validate_rows(_WORKER["sources"][k], rows, report, _WORKER["strict"]))
-    annotate = _WORKER["annotate"]
-    return report, pairs, (annotate(pairs) if annotate is not None and pairs else None)
+    pairs = list(validate_rows(job.sources[k], raw, report, job.strict))
+    if job.swap:
+        pairs = [p.swapped() for p in pairs]
+    return Chunk(report, [p.source for p in pairs], [p.origin for p in pairs],
+                 job.annotate(pairs) if job.annotate is not None and pairs else None,
+                 encode_rows(pairs, job.suffix) if job.suffix else None)
 
 
 def _raw_chunks(sources: list[SourceConfig], rows: int) -> Iterator[tuple[int, list[tuple[str, Any]]]]:
@@ -114,101 +211,32 @@ def _raw_chunks(sources: list[SourceConfig], rows: int) -> Iterator[tuple[int, l
             yield k, chunk
 
 
-def read_chunks(sources: list[SourceConfig], tally: Tally, strict: bool = False, num_proc: int = 1,
-                annotate: Annotate | None = None) -> Iterator[tuple[list[Pair], Any]]:
-    """(valid pairs, annotate(pairs)) per chunk of raw rows, in input order; invalid rows are counted in
-    `tally.data` (or raised when strict: the first bad row in input order). At most 2 * num_proc chunks in flight."""
+def read_chunks(job: Job, tally: "Tally", num_proc: int = 1) -> Iterator[Chunk]:
+    """The chunks of all sources in input order; invalid rows are counted in `tally.data` (or raised when strict:
+    the first bad row in input order). At most 2 * num_proc chunks are in flight."""
     if num_proc < 1:
         raise ValueError(f"--num-proc must be >= 1, got {num_proc}")
-    chunks = _raw_chunks(sources, CHUNK_ROWS)
+    raw = _raw_chunks(job.sources, CHUNK_ROWS)
     if num_proc == 1:  # the same code in this process
-        _init_worker(sources, strict, annotate)
-        results: Iterable = map(_work, chunks)
-        for report, pairs, info in results:
-            tally.data.merge(report)
-            yield pairs, info
+        _init_worker(job)
+        for chunk in map(_work, raw):
+            tally.data.merge(chunk.report)
+            yield chunk
         return
     methods = multiprocessing.get_all_start_methods()  # fork: workers inherit the index / tokenizer, no pickling
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ctx.Pool(num_proc, _init_worker, (sources, strict, annotate)) as pool:
+    with ctx.Pool(num_proc, _init_worker, (job,)) as pool:
         pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(_work, (chunk,)))
+        for item in raw:
+            pending.append(pool.apply_async(_work, (item,)))
             if len(pending) >= 2 * num_proc:
-                report, pairs, info = pending.popleft().get()
-                tally.data.merge(report)
-                yield pairs, info
+                chunk = pending.popleft().get()
+                tally.data.merge(chunk.report)
+                yield chunk
         while pending:
-            report, pairs, info = pending.popleft().get()
-            tally.data.merge(report)
-            yield pairs, info
-
-
-def read_pairs(sources: list[SourceConfig], tally: Tally, strict: bool = False, num_proc: int = 1) -> Iterator[Pair]:
-    """Valid pairs of all sources in order; invalid rows are counted in `tally.data` (or raised when strict)."""
-    for pairs, _ in read_chunks(sources, tally, strict, num_proc):
-        yield from pairs
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Writing
-
-
-def pair_row(pair: Pair) -> dict[str, Any]:
-    return {"chosen": pair.chosen, "rejected": pair.rejected, "source": pair.source, "category": pair.category,
-            "margin": pair.margin}
-
-
-class PairWriter:
-    """Streams pairs to .jsonl or .parquet; the file appears under its name only once complete."""
-
-    def __init__(self, path: str | Path, batch_rows: int = 8192):
-        self.path = Path(path)
-        if self.path.suffix not in OUTPUT_SUFFIXES:
-            raise ValueError(f"--output must end in {' or '.join(OUTPUT_SUFFIXES)}: {self.path}")
-        self.tmp = self.path.with_name(f".{self.path.name}.partial")
-        self.batch_rows, self.rows = batch_rows, []
-        self._file = self._parquet = None
-
-    def __enter__(self) -> "PairWriter":
-        if self.path.suffix == ".jsonl":
-            self._file = self.tmp.open("w", encoding="utf-8")
-        else:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            msg = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-            self.schema = pa.schema([("chosen", msg), ("rejected", msg), ("source", pa.string()),
-                                     ("category", pa.string()), ("margin", pa.float64())])
-            self._parquet = pq.ParquetWriter(self.tmp, self.schema)
-        return self
-
-    def write(self, pair: Pair) -> None:
-        row = pair_row(pair)
-        if self._file is not None:  # jsonl: optional fields only when set
-            self._file.write(json.dumps({k: v for k, v in row.items() if v is not None}, ensure_ascii=False) + "\n")
-            return
-        self.rows.append(row)
-        if len(self.rows) >= self.batch_rows:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.rows:
-            import pyarrow as pa
-
-            self._parquet.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
-            self.rows = []
-
-    def __exit__(self, exc_type, *_) -> None:
-        if self._file is not None:
-            self._file.close()
-        else:
-            self._flush()
-            self._parquet.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+            chunk = pending.popleft().get()
+            tally.data.merge(chunk.report)
+            yield chunk
 
 
 def report_path(output: str | Path) -> Path:
@@ -226,7 +254,8 @@ def check_not_input(output: Path, sources: list[SourceConfig]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Steps: Pair stream -> Pair stream, every removal counted
+# Steps: the main-process half of each step, called on every chunk in input order; returns which pairs to keep
+# (None: all) and counts every removal
 
 
 def _norm_ws(text: str) -> str:
@@ -283,26 +312,31 @@ class SeenKeys:
         return first_of
 
 
-def dedup(chunks: Iterable[tuple[list[Pair], np.ndarray]], tally: Tally, details: dict) -> Iterator[Pair]:
-    """Keep the first occurrence of each key across all sources; details['duplicate_of'][src][first_src] = n."""
-    seen = SeenKeys()
-    names: dict[str, int] = {}
-    duplicate_of: dict[str, Counter] = defaultdict(Counter)
-    for pairs, keys in chunks:
-        if not pairs:
-            continue
-        src = np.fromiter((names.setdefault(p.source, len(names)) for p in pairs), dtype=np.int64, count=len(pairs))
-        if len(names) > 65535:
+class Dedup:
+    """Keep the first occurrence of each key across all sources; details: duplicate_of[src][first_src] = n."""
+
+    def __init__(self, tally: Tally):
+        self.tally, self.seen, self.names = tally, SeenKeys(), {}
+        self.duplicate_of: dict[str, Counter] = defaultdict(Counter)
+
+    def __call__(self, chunk: Chunk) -> list[bool] | None:
+        if not chunk.sources:
+            return None
+        src = np.fromiter((self.names.setdefault(s, len(self.names)) for s in chunk.sources), dtype=np.int64,
+                          count=len(chunk.sources))
+        if len(self.names) > 65535:
             raise ValueError("dedup counts at most 65,535 distinct source names")
-        for pair, first in zip(pairs, seen.add(keys, src).tolist()):
-            if first < 0:
-                yield pair
-            else:
-                tally.remove(pair, "duplicate")
-                duplicate_of[pair.source][first] += 1
-    by_index = list(names)
-    details["duplicate_of"] = {s: {by_index[k]: n for k, n in c.items()} for s, c in duplicate_of.items()}
-    details["distinct_keys"] = len(seen)
+        first = self.seen.add(chunk.info, src).tolist()
+        for source, f in zip(chunk.sources, first):
+            if f >= 0:
+                self.tally.remove(source, "duplicate")
+                self.duplicate_of[source][f] += 1
+        return [f < 0 for f in first]
+
+    def details(self) -> dict[str, Any]:
+        by_index = list(self.names)
+        return {"duplicate_of": {s: {by_index[k]: n for k, n in c.items()} for s, c in self.duplicate_of.items()},
+                "distinct_keys": len(self.seen)}
 
 
 _PUNCT: dict[int, None] | None = None
@@ -384,26 +418,29 @@ def match_all(index: BenchmarkIndex, pairs: list[Pair]) -> list[tuple[str, int] 
     return [index.match(p) for p in pairs]
 
 
-def decontaminate(chunks: Iterable[tuple[list[Pair], list]], index: BenchmarkIndex, tally: Tally, details: dict,
-                  max_examples: int = 20) -> Iterator[Pair]:
-    per_file: Counter = Counter()
-    examples = []
-    for pairs, hits in chunks:
-        for pair, hit in zip(pairs, hits or ()):
-            if hit is None:
-                yield pair
-                continue
-            tally.remove(pair, "contaminated")
-            per_file[index.files[hit[1]]] += 1
-            if len(examples) < max_examples:
-                examples.append({"origin": pair.origin, "source": pair.source, "benchmark": index.files[hit[1]],
-                                 "ngram": hit[0]})
-    details["benchmarks"] = {f: {**index.stats[f], "pairs_matched": per_file[f]} for f in index.files}
-    details["contaminated_examples"] = examples
+class Decontaminate:
+    """Drop pairs whose user turns share an n-gram with a benchmark prompt (`match_all` ran in the workers)."""
 
+    def __init__(self, index: BenchmarkIndex, tally: Tally, max_examples: int = 20):
+        self.index, self.tally, self.max_examples = index, tally, max_examples
+        self.per_file: Counter = Counter()
+        self.examples: list[dict] = []
 
-def swap(pairs: Iterable[Pair]) -> Iterator[Pair]:
-    return (p.swapped() for p in pairs)
+    def __call__(self, chunk: Chunk) -> list[bool] | None:
+        if not chunk.sources:
+            return None
+        for source, origin, hit in zip(chunk.sources, chunk.origins, chunk.info):
+            if hit is not None:
+                self.tally.remove(source, "contaminated")
+                self.per_file[self.index.files[hit[1]]] += 1
+                if len(self.examples) < self.max_examples:
+                    self.examples.append({"origin": origin, "source": source,
+                                          "benchmark": self.index.files[hit[1]], "ngram": hit[0]})
+        return [hit is None for hit in chunk.info]
+
+    def details(self) -> dict[str, Any]:
+        return {"benchmarks": {f: {**self.index.stats[f], "pairs_matched": self.per_file[f]} for f in self.index.files},
+                "contaminated_examples": self.examples}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -428,19 +465,18 @@ def pair_lengths(tokenizer, chat_template_kwargs: dict | None, pairs: list[Pair]
     return np.asarray(lens, dtype=np.int64).reshape(-1, 2)
 
 
-def length_stats(chunks: Iterable[tuple[list[Pair], np.ndarray]], max_length: int,
-                 max_tokens: int) -> tuple[dict, np.ndarray]:
-    """Token lengths through the shared render function: per conversation and per pair (chosen + rejected),
-    overall and per source, and the shares training would treat as over-long."""
+def length_stats(chunks: Iterable[Chunk], max_length: int, max_tokens: int) -> tuple[dict, np.ndarray]:
+    """Token lengths through the shared render function (`pair_lengths` ran in the workers): per conversation and
+    per pair (chosen + rejected), overall and per source, and the shares training would treat as over-long."""
     per_source: dict[str, list[np.ndarray]] = defaultdict(list)
     parts = []
-    for pairs, lens in chunks:
-        if not pairs:
+    for chunk in chunks:
+        if not chunk.sources:
             continue
-        parts.append(lens)
-        src = np.asarray([p.source for p in pairs], dtype=object)
-        for name in dict.fromkeys(src.tolist()):
-            per_source[name].append(lens[src == name].sum(axis=1))
+        parts.append(chunk.info)
+        src = np.asarray(chunk.sources, dtype=object)
+        for name in dict.fromkeys(chunk.sources):
+            per_source[name].append(chunk.info[src == name].sum(axis=1))
     lens = np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
     conv, pair_len = lens.reshape(-1), lens.sum(axis=1)
     n = len(lens)
@@ -492,8 +528,9 @@ def run_command(command: str, sources: list[SourceConfig], output: str | Path, *
                 score=None, scorer_info: dict | None = None, rule=None) -> dict[str, Any]:
     """Run one curation command; returns the report it also writes next to `output`.
 
-    num_proc: worker processes that parse, validate and do each pair's work (the output is the same for any value).
-    filter: `score` (rm_filter.local_scorer / remote_scorer) and `rule` (rm_filter.FilterRule)."""
+    num_proc: worker processes that parse, validate, do each pair's work and encode the output (the output and
+    the report are the same for any value). filter: `score` (rm_filter.local_scorer / remote_scorer) and `rule`
+    (rm_filter.FilterRule)."""
     if command not in COMMANDS:
         raise ValueError(f"unknown command {command!r}; expected one of {COMMANDS}")
     if not sources:
@@ -502,12 +539,12 @@ def run_command(command: str, sources: list[SourceConfig], output: str | Path, *
     check_not_input(output, sources)
     output.parent.mkdir(parents=True, exist_ok=True)
     tally = Tally()
-    details: dict[str, Any] = {}
-    settings: dict[str, Any] = {}  # num_proc is not a setting: the report is the same for any value
-    annotate: Annotate | None = None
+    settings: dict[str, Any] = {}
+    job = Job(sources, strict, swap=command == "swap", suffix=None if command == "stats" else output.suffix)
+    step = None
     if command == "dedup":
         settings["key"] = "(history, chosen, rejected); whitespace stripped and runs collapsed; case kept"
-        annotate = dedup_keys
+        job.annotate, step = dedup_keys, Dedup(tally)
     elif command == "decontaminate":
         if not benchmark_files:
             raise ValueError("decontaminate needs --benchmark-prompts FILE [FILE ...]")
@@ -515,48 +552,42 @@ def run_command(command: str, sources: list[SourceConfig], output: str | Path, *
         settings.update(ngram=ngram, unit="whitespace words, lower-cased, punctuation deleted",
                         turns="user turns of the pair vs benchmark prompt fields " + "/".join(BENCHMARK_FIELDS),
                         benchmark_ngrams=len(index.grams))
-        annotate = partial(match_all, index)
+        job.annotate, step = partial(match_all, index), Decontaminate(index, tally)
     elif command == "stats":
         if tokenizer is None:
             raise ValueError("stats needs a tokenizer (--tokenizer, or a --config whose model it loads)")
-        annotate = partial(pair_lengths, tokenizer, chat_template_kwargs)
-    elif command == "filter" and (score is None or rule is None):
-        raise ValueError("filter needs a scorer (--model or --server) and a rule (--max-disagreement, --margin-band)")
-    chunks = read_chunks(sources, tally, strict, num_proc, annotate)
+        job.annotate = partial(pair_lengths, tokenizer, chat_template_kwargs)
+    elif command == "filter":
+        if score is None or rule is None:
+            raise ValueError("filter needs a scorer (--model or --server) and a rule (--max-disagreement, "
+                             "--margin-band)")
+        from btrm.data.rm_filter import RMFilter, scores_path
 
-    def counted(stream: Iterable[Pair]) -> Iterator[Pair]:
-        for p in stream:
-            tally.kept[p.source] += 1
-            yield p
+        settings.update(rule.settings(), scorer=scorer_info or {})
+        step = RMFilter(score, rule, tally, scores_path(output))
+    if job.suffix:
+        PairWriter(output)  # a bad suffix fails before any work
+    chunks = read_chunks(job, tally, num_proc)
 
     if command == "stats":
-        def counted_chunks():
-            for pairs, lens in chunks:
-                tally.kept.update(p.source for p in pairs)
-                yield pairs, lens
+        def counted():
+            for chunk in chunks:
+                tally.kept.update(chunk.sources)
+                yield chunk
 
-        details, conv = length_stats(counted_chunks(), max_length, max_tokens)
+        details, conv = length_stats(counted(), max_length, max_tokens)
         settings["chat_template_kwargs"] = chat_template_kwargs or {}
         png = output.with_suffix(".png")
         plot_histogram(conv, max_length, png, f"{', '.join(source_name(s) for s in sources)}")
         details["histogram"] = str(png)
     else:
-        if command == "dedup":
-            pairs: Iterable[Pair] = dedup(chunks, tally, details)
-        elif command == "decontaminate":
-            pairs = decontaminate(chunks, index, tally, details)
-        elif command == "filter":
-            from btrm.data.rm_filter import rm_filter, scores_path
-
-            settings.update(rule.settings(), scorer=scorer_info or {})
-            pairs = rm_filter(chunks, score, rule, tally, details, scores_path(output))
-        else:
-            pairs = (p for chunk, _ in chunks for p in chunk)
-            if command == "swap":
-                pairs = swap(pairs)
         with PairWriter(output) as writer:
-            for pair in counted(pairs):
-                writer.write(pair)
+            for chunk in chunks:
+                keep = step(chunk) if step is not None else None
+                tally.kept.update(chunk.sources if keep is None else (s for s, k in zip(chunk.sources, keep) if k))
+                if chunk.rows is not None:
+                    writer.write(chunk.rows, keep)
+        details = step.details() if step is not None else {}
     report = {"command": command, "output": str(output),
               "sources": [{"name": source_name(s), "path": s.path, "format": s.format, "swap": s.swap}
                           for s in sources],

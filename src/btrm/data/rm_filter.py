@@ -17,9 +17,7 @@ import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
-
-from btrm.data.pairs import Pair
+from typing import Callable, Sequence
 
 ScoreFn = Callable[[list[list[dict]]], list[float | None]]  # conversations -> rewards (None: could not be scored)
 
@@ -60,7 +58,7 @@ def local_scorer(checkpoint: str, device: str | None = None) -> tuple[ScoreFn, d
         ids = rm.encode_each(conversations)
         ok = [i for i, x in enumerate(ids) if not isinstance(x, OverlongError)]
         rewards: list[float | None] = [None] * len(ids)
-        for i, r in zip(ok, rm.score_ids([ids[i] for i in ok])):
+        for i, r in zip(ok, rm.score_ids([ids[i] for i in ok], progress=False)):
             rewards[i] = r
         return rewards
 
@@ -83,32 +81,47 @@ def scores_path(output: str | Path) -> Path:
     return Path(output).with_suffix(".scores.jsonl")
 
 
-def rm_filter(chunks: Iterable[tuple[list[Pair], object]], score: ScoreFn, rule: FilterRule, tally, details: dict,
-              scores_file: Path) -> Iterator[Pair]:
-    """Score each chunk's pairs (chosen then rejected, one call) and keep, flag or remove them by `rule`."""
-    flagged: dict[str, Counter] = defaultdict(Counter)
-    unscored: Counter = Counter()
-    tmp = scores_file.with_name(f".{scores_file.name}.partial")
-    with tmp.open("w", encoding="utf-8") as out:
-        for pairs, _ in chunks:
-            if not pairs:
-                continue
-            rewards = score([p.chosen for p in pairs] + [p.rejected for p in pairs])
-            for pair, rc, rr in zip(pairs, rewards[:len(pairs)], rewards[len(pairs):]):
-                verdict = None
-                if rc is None or rr is None:
-                    unscored[pair.source] += 1  # kept: the model cannot judge what it cannot read
-                else:
-                    verdict = rule.verdict(rc - rr)
-                out.write(json.dumps({"origin": pair.origin, "source": pair.source, "chosen": rc, "rejected": rr,
-                                      "verdict": verdict}, ensure_ascii=False) + "\n")
-                if verdict is None or rule.flag:
-                    if verdict is not None:
-                        flagged[pair.source][verdict] += 1
-                    yield pair
-                else:
-                    tally.remove(pair, verdict)
-    tmp.replace(scores_file)
-    details["flagged"] = {s: dict(c) for s, c in flagged.items()}
-    details["unscored_overlong"] = dict(unscored)
-    details["scores"] = str(scores_file)
+def conversations(rows) -> tuple[list, list]:
+    """(chosen, rejected) conversations of an encoded chunk (`curate.encode_rows`: jsonl lines or a pyarrow Table)."""
+    if isinstance(rows, list):
+        parsed = [json.loads(line) for line in rows]
+        return [r["chosen"] for r in parsed], [r["rejected"] for r in parsed]
+    return rows.column("chosen").to_pylist(), rows.column("rejected").to_pylist()
+
+
+class RMFilter:
+    """The filter step: score each chunk's pairs (chosen and rejected in one call) and keep, flag or remove them."""
+
+    def __init__(self, score: ScoreFn, rule: FilterRule, tally, scores_file: Path):
+        self.score, self.rule, self.tally, self.scores_file = score, rule, tally, Path(scores_file)
+        self.flagged: dict[str, Counter] = defaultdict(Counter)
+        self.unscored: Counter = Counter()
+        self.tmp = self.scores_file.with_name(f".{self.scores_file.name}.partial")
+        self.out = self.tmp.open("w", encoding="utf-8")
+
+    def __call__(self, chunk) -> list[bool] | None:
+        if not chunk.sources:
+            return None
+        chosen, rejected = conversations(chunk.rows)
+        rewards = self.score(chosen + rejected)
+        n, keep = len(chosen), []
+        for source, origin, rc, rr in zip(chunk.sources, chunk.origins, rewards[:n], rewards[n:]):
+            verdict = None
+            if rc is None or rr is None:
+                self.unscored[source] += 1  # kept: the model cannot judge what it cannot read
+            else:
+                verdict = self.rule.verdict(rc - rr)
+            self.out.write(json.dumps({"origin": origin, "source": source, "chosen": rc, "rejected": rr,
+                                       "verdict": verdict}, ensure_ascii=False) + "\n")
+            if verdict is not None and self.rule.flag:
+                self.flagged[source][verdict] += 1
+            elif verdict is not None:
+                self.tally.remove(source, verdict)
+            keep.append(verdict is None or self.rule.flag)
+        return keep
+
+    def details(self) -> dict:
+        self.out.close()
+        self.tmp.replace(self.scores_file)
+        return {"flagged": {s: dict(c) for s, c in self.flagged.items()}, "unscored_overlong": dict(self.unscored),
+                "scores": str(self.scores_file)}
