@@ -73,10 +73,12 @@ def one(step: str, data: str, bench: str, tok: str, out: str, num_proc: int) -> 
     report = curate.run_command(step, [SourceConfig(path=data)], out, num_proc=num_proc, **options)
     seconds = time.perf_counter() - t
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    # VmHWM, not RUSAGE_SELF's maxrss: Linux carries the parent's peak across exec into the latter
+    hwm = next(int(x.split()[1]) for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM"))
     print(json.dumps({"seconds": seconds, "read": report["totals"]["read"], "kept": report["totals"]["kept"],
                       "cpu_main": me.ru_utime + me.ru_stime - before.ru_utime - before.ru_stime,
                       "cpu_workers": kids.ru_utime + kids.ru_stime,
-                      "rss_main_mb": me.ru_maxrss / 1024, "rss_worker_mb": kids.ru_maxrss / 1024}))
+                      "rss_main_mb": hwm / 1024, "rss_worker_mb": kids.ru_maxrss / 1024}))
 
 
 def seen_keys_bytes(n: int) -> tuple[float, float]:
@@ -130,10 +132,13 @@ def main() -> None:
                 if proc.returncode:
                     sys.exit(proc.stderr[-3000:])
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
-                result = out.read_bytes() if step != "stats" else json.dumps(
-                    {k: v for k, v in json.loads(out.read_text()).items() if k not in ("output", "histogram")},
-                    sort_keys=True).encode()
-                digests[n] = hashlib.sha256(result).hexdigest()
+                if step == "stats":
+                    digests[n] = hashlib.sha256(json.dumps({k: v for k, v in json.loads(out.read_text()).items()
+                                                            if k not in ("output", "histogram")}).encode()).hexdigest()
+                else:
+                    with out.open("rb") as f:
+                        digests[n] = hashlib.file_digest(f, "sha256").hexdigest()
+                    out.unlink()
                 rate = args.pairs / r["seconds"]
                 same = "yes" if digests[n] == digests[args.num_proc[0]] else "**NO**"
                 cm, cw = r["cpu_main"], r["cpu_workers"]

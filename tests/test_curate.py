@@ -256,3 +256,22 @@ def test_filter_removes_flipped_labels(trained_checkpoint, tmp_path):
                 "--flag", "--output", out) == 0
     flagged = json.loads((tmp_path / "flagged.report.json").read_text())
     assert flagged["totals"]["kept"] == len(rows) and flagged["flagged"] == report["removed"]
+
+
+def test_seen_keys_matches_a_dict():
+    """The numpy key set gives the same first-occurrence answers as a plain dict, across many run merges."""
+    import numpy as np
+
+    from btrm.data.curate import SeenKeys
+
+    rng = np.random.default_rng(0)
+    seen, first = SeenKeys(), {}
+    for _ in range(60):
+        keys = rng.integers(0, 500, size=int(rng.integers(1, 40))).astype(np.uint64)  # many repeats, in and across chunks
+        src = rng.integers(0, 3, size=len(keys))
+        expected = []
+        for k, s in zip(keys.tolist(), src.tolist()):
+            expected.append(first.get(k, -1))
+            first.setdefault(k, s)
+        assert seen.add(keys, src).tolist() == expected
+    assert len(seen) == len(first) and len(seen.runs) < 10
