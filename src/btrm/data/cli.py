@@ -11,7 +11,7 @@ Sources are given as in training, either `--config recipe.yaml` (its data.source
   btrm data filter --source final.parquet --model CKPT --max-disagreement 2 --output filtered.parquet
   btrm data filter --source final.parquet --server http://h1:30000 http://h2:30000 --tokenizer CKPT \
       --margin-band -1 8 --flag --output flagged.parquet                  (+ flagged.scores.jsonl)
-Every step takes --num-proc N (default: all cores) and writes the same output for any N.
+Every step takes --num-proc N (default: all cores, at most 16) and writes the same output for any N.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_argument("--output", required=True,
                         help="dataset to write (.jsonl or .parquet; report: <stem>.report.json); "
                              "for stats the report (.json; histogram: <stem>.png)")
-    common.add_argument("--num-proc", type=int, default=len(os.sched_getaffinity(0)),
-                        help="worker processes that parse, validate and do the per-pair work (default: all cores; "
-                             "the output is the same for any value)")
+    common.add_argument("--num-proc", type=int, default=min(len(os.sched_getaffinity(0)), 16),
+                        help="worker processes that parse, validate and do the per-pair work (default: all cores, "
+                             "at most 16: the main process caps a run near 100k pairs/s; the output is the same "
+                             "for any value)")
 
     sub = parser.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     p = sub.add_parser("stats", parents=[common], help="counts and token-length percentiles, with a PNG histogram")
@@ -119,6 +120,9 @@ def _run(args: argparse.Namespace) -> int:
                 return 2
             score, info = rm_filter.remote_scorer(args.server, args.tokenizer, args.backend)
         else:
+            if args.tokenizer:
+                print("filter: --tokenizer is for --server; --model renders with its own tokenizer", file=sys.stderr)
+                return 2
             score, info = rm_filter.local_scorer(args.model, args.device)
         options = dict(score=score, scorer_info=info, rule=rule)
     report = curate.run_command(args.data_command, sources, args.output, strict=args.strict,
