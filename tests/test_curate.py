@@ -218,6 +218,19 @@ def test_num_proc_gives_identical_output(two_sources, tmp_path, monkeypatch, com
     assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
 
 
+def test_strict_stops_at_the_first_bad_row_with_workers(two_sources, tmp_path, monkeypatch):
+    from btrm.data import curate
+
+    monkeypatch.setattr(curate, "CHUNK_ROWS", 2)
+    a, _ = two_sources
+    bad = write_jsonl(tmp_path / "bad.jsonl", [row("q", "a", "b"), row("q", "a", "c"), row("q", "", "x"),
+                                               {"chosen": conv("q", "a")}])
+    for n in (1, 2):
+        with pytest.raises(ValueError, match=r"bad\.jsonl:3: field 'chosen': empty_response"):
+            run_command("clean", [SourceConfig(path=str(a)), SourceConfig(path=str(bad))], tmp_path / "o.jsonl",
+                        strict=True, num_proc=n)
+
+
 @pytest.mark.slow
 def test_filter_removes_flipped_labels(trained_checkpoint, tmp_path):
     """10% of labels flipped; the trained model separates the synthetic labels, so removing the pairs it contradicts

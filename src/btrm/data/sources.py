@@ -32,6 +32,9 @@ class BadRow(ValueError):
         self.reason, self.field, self.detail, self.origin = reason, field, detail, origin
         super().__init__(f"{origin}: field '{field}': {reason}" + (f" ({detail})" if detail else ""))
 
+    def __reduce__(self):  # raised in a curation worker process, re-raised in the main one
+        return BadRow, (self.reason, self.field, self.detail, self.origin)
+
 
 @dataclass
 class DataReport:
