@@ -21,7 +21,7 @@ COMMANDS = {
     "score": ("btrm.inference.cli_score", "score conversations or preference pairs from a jsonl file"),
     "serve": ("btrm.inference.server", "serve a reward model over HTTP (SGLang /classify contract)"),
     "eval": ("btrm.eval.cli", "evaluate on reward-model benchmarks"),
-    "data": ("btrm.data.cli", "inspect and curate preference data (stats, clean, dedup, decontaminate, swap)"),
+    "data": ("btrm.data.cli", "inspect and curate preference data (stats, clean, dedup, decontaminate, swap, filter)"),
     "plan": ("btrm.plan", "estimate per-GPU memory and wall-clock for a training recipe"),
 }
 # OSError: files and folders that are not there, a model path or Hub id that cannot be loaded, the Hub unreachable

@@ -1,9 +1,6 @@
 """`btrm eval --suite all` with a real checkpoint trained by `train.py` (no stand-in scorer)."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from evalhelp import FIXTURES
@@ -11,20 +8,6 @@ from evalhelp import FIXTURES
 from btrm.cli import main
 from btrm.eval import BENCHMARKS, recompute
 from btrm.inference.scorer import RewardModel
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def trained_checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("trained")
-    cmd = [sys.executable, "train.py", "--config", "configs/quickstart.yaml", "--train.max_steps=4",
-           f"--train.output_dir={out}", f"--data.cache_dir={out / 'cache'}", "--logging.wandb=false",
-           "--logging.progress=false", "--data.sources=[{path: 'synthetic:400'}]"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out / "checkpoint-4"
-
 
 @pytest.mark.slow
 def test_suite_all_with_trained_checkpoint(trained_checkpoint, tmp_path, capsys, monkeypatch):
