@@ -49,9 +49,10 @@ def build_model(work: str, hidden: int, layers: int) -> str:
     return out
 
 
-def start_server(model: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, extra: list[str], threads: int) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "btrm.cli", "serve", "--model", model, "--port", "0", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     line = proc.stdout.readline()
     if "listening on " not in line:
         proc.kill()
@@ -124,6 +125,7 @@ def main() -> None:
     ap.add_argument("--words", type=int, default=24, help="words per text")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="the server's OMP_NUM_THREADS (the clients share the CPUs)")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("server_args", nargs="*", help="extra `btrm serve` flags (after --)")
     args = ap.parse_args()
@@ -136,7 +138,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         url = args.url
         if url is None:
-            proc, url = start_server(build_model(work, args.hidden, args.layers), args.server_args)
+            proc, url = start_server(build_model(work, args.hidden, args.layers), args.server_args, args.threads)
         host, port = url.split("//")[1].rsplit(":", 1)
         try:
             rows = [run_clients(host, int(port), body, int(c), args.seconds) for c in args.clients.split(",")]
@@ -145,7 +147,8 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(timeout=60)
     print(f"# {args.texts} text(s) of {args.words} words per request, {args.seconds:.0f} s per row, "
-          f"model hidden {args.hidden} x {args.layers} layers, {os.cpu_count()} CPUs")
+          f"model hidden {args.hidden} x {args.layers} layers, server OMP_NUM_THREADS={args.threads}, "
+          f"{os.cpu_count()} CPUs")
     if args.markdown:
         print("| clients | requests/s | p50 ms | p99 ms | answered 200 | 503 busy | resets/errors |")
         print("|---:|---:|---:|---:|---:|---:|---:|")
