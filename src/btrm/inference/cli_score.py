@@ -111,7 +111,10 @@ def parse_row(raw: Any, origin: str, name: str) -> tuple[str, Any]:
         raise BadRow("bad_row", "<row>", f"expected an object, got {type(raw).__name__}", origin)
     for key in CONVERSATION_KEYS:
         if key in raw:
-            return "conversation", validate_messages(raw[key], key, origin)
+            conv = validate_messages(raw[key], key, origin)
+            if conv[-1]["role"] != "assistant":  # the reward is read at the end of a response: none to read here
+                raise BadRow("last_not_assistant", key, f"last role is {conv[-1]['role']!r}", origin)
+            return "conversation", conv
     if "chosen" not in raw:
         raise BadRow("missing_field", "messages", "expected 'messages' / 'conversation' (a conversation) or "
                      "'chosen' and 'rejected' (a preference pair)", origin)
