@@ -123,3 +123,29 @@ def test_conversation_ending_with_the_user_is_refused(rm_dirs, tmp_path):
     assert p.returncode == 0 and "bad 1" in p.stdout
     got = read_jsonl(out)
     assert [("error" in r) for r in got] == [False, True, False] and "last_not_assistant" in got[1]["error"]
+
+
+def test_resume_gives_identical_output_in_bf16(rm_dirs, tmp_path, monkeypatch):
+    """Chunks start at fixed rows, so a resume packs every row with the same neighbours as an uninterrupted run:
+    the model sees the same sequence lists (recorded on their way in) and the output is equal bytes, not approx."""
+    forwards = []
+    score_ids = RewardModel.score_ids
+
+    def recorded(self, seqs, *a, **k):
+        forwards.append([tuple(s) for s in seqs])
+        return score_ids(self, seqs, *a, **k)
+
+    monkeypatch.setattr(RewardModel, "score_ids", recorded)
+    rows = [{"messages": c} for c in make_conversations(40, seed=23, max_words=80)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    full, cut = tmp_path / "full.jsonl", tmp_path / "cut.jsonl"
+    args = ("--dtype", "bf16", "--chunk-rows", "16", "--batch-tokens", "512")
+    assert score(rm_dirs["qwen3"], inp, full, *args) == 0
+    want = forwards[:]
+    assert len(want) == 3  # rows 0-15, 16-31, 32-39
+    for k in (7, 16, 29):  # inside a chunk, on a boundary, inside the last one
+        forwards.clear()
+        cut.write_text("".join(full.read_text().splitlines(keepends=True)[:k]))
+        assert score(rm_dirs["qwen3"], inp, cut, *args) == 0
+        assert forwards == want[k // 16:]
+        assert cut.read_text() == full.read_text()
