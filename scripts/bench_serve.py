@@ -7,7 +7,8 @@ Starts `btrm serve` on a tiny random-init Llama reward model on a free loopback 
 for each client count runs that many client threads for --seconds: each holds one keep-alive connection and sends
 POST /classify with --texts short templated texts, one request after the other. A connection the server resets or
 closes is counted as an error and reopened. Latency is per request (send to full answer), over the answered ones;
-requests/s counts 200 answers only. 503s (the server's "busy, retry after") are counted apart.
+requests/s counts 200 answers only. 503s (the server's "busy, retry after") are counted apart. Server CPU ms per
+request (all its threads, from /proc, over the answered requests) is the figure least moved by other load.
 
 The clients run on the same machine as the server (Python threads), so at 256 clients part of the time is the
 client's own; compare servers with the same script on the same machine.
@@ -64,7 +65,17 @@ def start_server(model: str, extra: list[str], threads: int) -> tuple[subprocess
     raise SystemExit(f"btrm serve exited with {proc.wait()}")
 
 
-def run_clients(host: str, port: int, body: bytes, clients: int, seconds: float) -> dict:
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process, all its threads (Linux /proc; nan elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, TypeError, ValueError):
+        return float("nan")
+
+
+def run_clients(host: str, port: int, body: bytes, clients: int, seconds: float, pid: int | None) -> dict:
     lat: list[list[float]] = [[] for _ in range(clients)]
     errors = [0] * clients
     busy = [0] * clients
@@ -104,16 +115,18 @@ def run_clients(host: str, port: int, body: bytes, clients: int, seconds: float)
     threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(clients)]
     for t in threads:
         t.start()
+    cpu0 = cpu_seconds(pid)
     t0 = time.monotonic()
     deadline[0] = t0 + seconds
     start.wait()
     for t in threads:
         t.join(timeout=seconds + 120)
     elapsed = time.monotonic() - t0
-    all_lat = np.array([x for xs in lat for x in xs]) * 1000
-    return {"clients": clients, "ok": len(all_lat), "rps": len(all_lat) / elapsed, "errors": sum(errors),
-            "busy": sum(busy), "p50": float(np.percentile(all_lat, 50)) if len(all_lat) else float("nan"),
-            "p99": float(np.percentile(all_lat, 99)) if len(all_lat) else float("nan")}
+    cpu = cpu_seconds(pid) - cpu0
+    ms = np.array([x for xs in lat for x in xs] or [float("nan")]) * 1000
+    ok = sum(map(len, lat))
+    return {"clients": clients, "ok": ok, "rps": ok / elapsed, "errors": sum(errors), "busy": sum(busy),
+            "cpu_ms": 1000 * cpu / max(ok, 1), "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99))}
 
 
 def main() -> None:
@@ -141,7 +154,8 @@ def main() -> None:
             proc, url = start_server(build_model(work, args.hidden, args.layers), args.server_args, args.threads)
         host, port = url.split("//")[1].rsplit(":", 1)
         try:
-            rows = [run_clients(host, int(port), body, int(c), args.seconds) for c in args.clients.split(",")]
+            rows = [run_clients(host, int(port), body, int(c), args.seconds, proc and proc.pid)
+                    for c in args.clients.split(",")]
         finally:
             if proc is not None:
                 proc.terminate()
@@ -150,11 +164,12 @@ def main() -> None:
           f"model hidden {args.hidden} x {args.layers} layers, server OMP_NUM_THREADS={args.threads}, "
           f"{os.cpu_count()} CPUs")
     if args.markdown:
-        print("| clients | requests/s | p50 ms | p99 ms | answered 200 | 503 busy | resets/errors |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
+        print("| clients | requests/s | p50 ms | p99 ms | server CPU ms / request | answered 200 | 503 busy "
+              "| resets/errors |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
-            print(f"| {r['clients']} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['ok']} | {r['busy']} "
-                  f"| {r['errors']} |")
+            print(f"| {r['clients']} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} | {r['cpu_ms']:.2f} "
+                  f"| {r['ok']} | {r['busy']} | {r['errors']} |")
     else:
         for r in rows:
             print(r)

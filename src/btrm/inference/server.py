@@ -418,7 +418,6 @@ def _protocol(limits: Limits):
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if len(self.connections) > limits.max_connections:
                 self.app = busy  # this connection's requests get the 503
             self._arm()  # the first request's headers are due within --read-timeout
