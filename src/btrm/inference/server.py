@@ -418,6 +418,9 @@ def _protocol(limits: Limits):
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
+            # asyncio sets TCP_NODELAY only on sockets made with proto=IPPROTO_TCP, not on ours (proto 0): without
+            # it, Nagle + delayed ACK add ~40 ms to every answer (measured: 1-client p50 44 ms instead of ~2 ms)
+            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if len(self.connections) > limits.max_connections:
                 self.app = busy  # this connection's requests get the 503
             self._arm()  # the first request's headers are due within --read-timeout
