@@ -83,3 +83,20 @@ def test_json_lines_named_json_and_column_json(tmp_path):
     (tmp_path / "columns.json").write_text(json.dumps({"chosen": [GOOD["chosen"]], "rejected": [GOOD["rejected"]]}))
     for name, n in [("lines.json", 2), ("wrapped.json", 1), ("columns.json", 1)]:
         assert len(load_pairs([SourceConfig(path=str(tmp_path / name))], DataReport())) == n
+
+
+def test_null_chosen_is_null_field_on_the_cli(tmp_path):
+    """`btrm data clean`: a null chosen (beside a message-list rejected) is null_field, named on stderr's last line."""
+    import subprocess
+    import sys
+
+    f = write_jsonl(tmp_path / "d.jsonl", [GOOD, {"chosen": None, "rejected": [U, A("x")]}])
+    out = tmp_path / "clean.jsonl"
+    cmd = [sys.executable, "-m", "btrm.cli", "data", "clean", "--source", str(f), "--output", str(out)]
+    proc = subprocess.run([*cmd, "--strict"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith(f"{f}:2: field 'chosen': null_field")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    report = json.loads((tmp_path / "clean.report.json").read_text())
+    assert report["invalid_rows"] == {"d": {"null_field": 1}}

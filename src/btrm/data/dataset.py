@@ -16,12 +16,12 @@ import numpy as np
 from btrm.config import DataConfig, SourceConfig
 from btrm.data.packing import collate_pairs, plan_step
 from btrm.data.pairs import Pair
-from btrm.data.sources import DataReport, load_pairs, source_files
+from btrm.data.sources import BadRow, DataReport, load_pairs, source_files
 from btrm.render import render_text, tokenize_texts
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when tokenization or the cache layout changes
+CACHE_VERSION = 2  # bump when tokenization or the cache layout changes (2: pairs rendering to the same ids dropped)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -105,7 +105,8 @@ def _tokenize_batch(batch, tokenizer, kwargs, max_length, max_tokens, policy):
     bos = tokenizer.bos_token_id if tokenizer.bos_token else None
     out = {"chosen_ids": [], "rejected_ids": [], "status": [], "num_tokens": [], "chosen_len": []}
     for c, r in zip(ids_c, ids_r):
-        c2, r2, status = fit_pair(c, r, max_length, max_tokens, policy, bos)
+        # the raw texts differ (sources.normalize_row checked), but the template may trim the difference away
+        c2, r2, status = (None, None, "identical") if c == r else fit_pair(c, r, max_length, max_tokens, policy, bos)
         out["chosen_ids"].append(c2 or [])
         out["rejected_ids"].append(r2 or [])
         out["status"].append(status)
@@ -115,6 +116,8 @@ def _tokenize_batch(batch, tokenizer, kwargs, max_length, max_tokens, policy):
 
 
 def tokenize_pairs(pairs: list[Pair], tokenizer, cfg: DataConfig, report: DataReport) -> TokenizedPairs:
+    """Rendered and tokenized pairs; over-long ones fitted or dropped, and pairs whose responses render to the same
+    tokens counted as identical_responses (raised under cfg.strict), as normalize_row counts equal raw texts."""
     from datasets import Dataset
 
     ds = Dataset.from_dict({
@@ -130,12 +133,18 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, cfg: DataConfig, report: DataRe
                 fn_kwargs=dict(tokenizer=tokenizer, kwargs=cfg.chat_template_kwargs, max_length=cfg.max_length,
                                max_tokens=cfg.max_tokens, policy=cfg.overlong),
                 desc="tokenizing pairs", load_from_cache_file=False)
-    for status, src in zip(ds["status"], ds["source"]):
-        if status == "dropped":
+    for status, src, origin in zip(ds["status"], ds["source"], ds["origin"]):
+        if status == "identical":
+            err = BadRow("identical_responses", "rejected", "the same tokens as chosen once rendered", origin)
+            if cfg.strict:
+                raise err
+            report.skip(src, err)
+            report.kept[src] -= 1
+        elif status == "dropped":
             report.overlong_dropped[src] += 1
         elif status == "truncated":
             report.overlong_truncated[src] += 1
-    ds = ds.filter(lambda s: [x != "dropped" for x in s], input_columns="status", batched=True,
+    ds = ds.filter(lambda s: [x not in ("dropped", "identical") for x in s], input_columns="status", batched=True,
                    load_from_cache_file=False)
     return TokenizedPairs(ds)
 

@@ -253,6 +253,8 @@ def normalize_row(row: Any, src: SourceConfig, origin: str, name: str) -> Pair:
     for k in ("chosen", "rejected"):
         if col[k] not in row:
             raise BadRow("missing_field", col[k], "", origin)
+        if row[col[k]] is None:  # before the format is guessed from it: null is its own reason, not "missing"
+            raise BadRow("null_field", col[k], "", origin)
     get = {k: row.get(c) for k, c in col.items()}
     fmt = src.format if src.format != "auto" else detect_format(get)
     if fmt == "messages":
