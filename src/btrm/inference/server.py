@@ -476,8 +476,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="name reported by /v1/models (default: --model)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
-    p.add_argument("--attn-implementation", default="auto", help="auto, segment, varlen, flash_attention_2, sdpa")
-    p.add_argument("--max-length", type=int, default=None, help="longest text in tokens (default: checkpoint)")
+    from btrm import attention
+
+    p.add_argument("--attn-implementation", default="auto", choices=attention.CHOICES, help=attention.help_text())
+    p.add_argument("--max-length", type=int, default=None,
+                   help="longest text in tokens (default: the model's usable length, min(max_position_embeddings, "
+                        "16384); the training length is shown, not used)")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens per packed forward")
     p.add_argument("--max-texts", type=int, default=4096, help="most texts in one request")
     p.add_argument("--max-body-bytes", type=int, default=64 << 20, help="largest request body")
@@ -541,7 +545,7 @@ def _load(args: argparse.Namespace, service: Service, url: str, server, failed: 
         retain_freed_memory(rm.device)  # CPU: no page-faulting every batch's activations in again (btrm.cpu)
         service.ready(rm, Batcher(rm, args.max_batch_tokens).start())
         print(f"btrm serve: ready at {url} (POST /classify, POST /pooling, GET /health; "
-              f"max length {rm.max_length} tokens)", flush=True)
+              f"{rm.length_note()})", flush=True)
     except BaseException as e:
         failed.append(e)
         server.should_exit = True
