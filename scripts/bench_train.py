@@ -164,7 +164,7 @@ def run_padded(config_path: Path) -> dict:
 
     from btrm.data.packing import pad_pairs
     from btrm.loss import bt_loss
-    from btrm.train.trainer import build_optimizer
+    from btrm.train.optim import build_optimizer
 
     cfg, tok, model, data = _prepared(config_path)
     opt = build_optimizer(cfg, model, torch.device("cpu"))
@@ -206,7 +206,7 @@ def run_trl(config_path: Path, work: Path) -> dict:
     from trl import RewardConfig, RewardTrainer
 
     from btrm.render import render_ids
-    from btrm.train.trainer import build_optimizer
+    from btrm.train.optim import build_optimizer
 
     cfg, tok, model, data = _prepared(config_path)
     n = cfg.train.global_batch_pairs

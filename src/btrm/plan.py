@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from btrm.config import Config, load_config
+from btrm.train.ds_config import PREFETCH_BUCKET_ZERO3, REDUCE_BUCKET, REDUCE_BUCKET_ZERO3
 
 GiB = 2**30
 OVERHEAD_GIB = 2.0  # CUDA context, NCCL, allocator slack
@@ -171,12 +172,13 @@ def model_state_bytes(params: int, largest_layer: int, stage: int, gpus_per_node
 
 
 def comm_buffer_bytes(stage: int, offload_optimizer: bool) -> float:
-    """DeepSpeed buckets at the sizes btrm.train.ds_config sets (reduce bucket 5e8 elements below stage 3, 5e7 at
-    stage 3 with a 5e7 prefetch bucket), bf16, double-buffered when communication overlaps."""
+    """DeepSpeed buckets at the sizes btrm.train.ds_config sets (a reduce bucket below stage 3; at stage 3 a
+    smaller reduce bucket and a prefetch bucket), bf16, the reduce bucket double-buffered when communication
+    overlaps."""
     if stage == 2 or (stage == 1 and offload_optimizer):
-        return 2 * 2 * 5e8
+        return 2 * 2 * REDUCE_BUCKET
     if stage == 3:
-        return 2 * 2 * 5e7 + 2 * 5e7
+        return 2 * 2 * REDUCE_BUCKET_ZERO3 + 2 * PREFETCH_BUCKET_ZERO3
     return 0.0
 
 
