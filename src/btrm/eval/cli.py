@@ -64,18 +64,16 @@ def run(args: argparse.Namespace) -> int:
 
 def load_scorer(args: argparse.Namespace):
     """(score_fn, length_fn, max_length) of the checkpoint. Imported here: torch and transformers load only now."""
-    from btrm import RewardModel
-    from btrm.cpu import retain_freed_memory
+    from btrm.inference.scorer import load_in_owned_process
     from btrm.render import render_ids
 
     options = dict(device=args.device, dtype=args.dtype, max_length=args.max_length, batch_tokens=args.batch_tokens)
-    model = RewardModel.from_pretrained(
+    model = load_in_owned_process(
         args.model,
         # under "score" the model gets over-long conversations: cut their prompt from the left, as RewardBench does
         truncation="left" if args.over_length == "score" else "error",
         **{k: v for k, v in options.items() if v is not None},
     )
-    retain_freed_memory(model.device)  # CPU: no page-faulting every batch's activations in again (btrm.cpu)
 
     def length_fn(conversation):  # rendered exactly as RewardModel.score renders it
         return len(render_ids(model.tokenizer, conversation, model.chat_template_kwargs))

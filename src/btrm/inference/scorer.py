@@ -18,7 +18,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from btrm.data.dataset import common_prefix_len
+from btrm.data.dataset import common_prefix_len, cut_prompt_left
 from btrm.data.packing import PackedBatch, best_fit_decreasing, pack_sequences
 from btrm.modeling import check_pad_token, packed_rewards, resolve_attn_implementation, resolve_dtype
 from btrm.render import render_ids, render_text, tokenize_texts
@@ -177,14 +177,11 @@ class RewardModel:
         if not prompt:
             raise OverlongError(index, len(ids), self.max_length, "no prompt turns to cut")
         prompt_ids = render_ids(self.tokenizer, prompt, self.chat_template_kwargs)
-        shared = common_prefix_len(ids, prompt_ids)
         bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token else None
-        head = 1 if bos is not None and ids and ids[0] == bos else 0
-        need = len(ids) - self.max_length
-        if shared - head < need:
-            raise OverlongError(index, len(ids), self.max_length,
-                                f"the last turn alone needs {len(ids) - shared + head} tokens")
-        return ids[:head] + ids[head + need:]
+        try:
+            return cut_prompt_left([ids], common_prefix_len(ids, prompt_ids), len(ids) - self.max_length, bos)[0]
+        except ValueError as e:
+            raise OverlongError(index, len(ids), self.max_length, str(e)) from None
 
     # ------------------------------------------------------------------------------------------------------------------
     # Scoring
@@ -243,3 +240,16 @@ class RewardModel:
     def __repr__(self) -> str:
         return (f"RewardModel({type(self.model).__name__}, device={self.device}, max_length={self.max_length}, "
                 f"chat_template_kwargs={self.chat_template_kwargs})")
+
+
+def load_in_owned_process(path_or_hub_id: str | Path, **kwargs) -> RewardModel:
+    """`RewardModel.from_pretrained` for a process btrm owns (`btrm score`, `btrm serve`, `btrm eval`).
+
+    On CPU it also keeps freed memory in the process (btrm.cpu.retain_freed_memory): no page-faulting every
+    batch's activations in again. That setting is process-wide, so plain library use does not get it.
+    """
+    from btrm.cpu import retain_freed_memory
+
+    rm = RewardModel.from_pretrained(path_or_hub_id, **kwargs)
+    retain_freed_memory(rm.device)
+    return rm
