@@ -33,8 +33,8 @@ log-sum-exp). Per token and decoder layer, the tensors autograd saves in a Llama
   inputs are kept and one layer's activations are rebuilt at a time in backward.
 Plus a backward working set of T * 2 * (2 H + 2 I) (the gradients flowing through one layer) and, per stage,
 DeepSpeed's communication buckets at the sizes btrm.train.ds_config sets. A fixed 2 GiB covers the CUDA context,
-NCCL and allocator slack. The estimate errs on the side of caution; measure the first steps (`torch.cuda.
-max_memory_allocated` is logged by the trainer) before a long run.
+NCCL and allocator slack. The estimate errs on the side of caution; measure the first steps before a long run:
+on CUDA the trainer logs rank 0's `peak_memory_gib` per step (`torch.cuda.max_memory_allocated`).
 
 Time: a step is `train.global_batch_pairs` pairs of `--mean-pair-tokens` tokens (from `btrm data stats`). Without a
 measured `--tokens-per-sec-per-gpu` we assume 35% MFU of 989 TFLOP/s (H100/H200 dense bf16; torchtitan reports 33-39%
@@ -57,7 +57,7 @@ GiB = 2**30
 OVERHEAD_GIB = 2.0  # CUDA context, NCCL, allocator slack
 ASSUMED_MFU = 0.35
 ASSUMED_PEAK_FLOPS = 989e12  # H100/H200 dense bf16 (btrm.flops.PEAK_BF16)
-PACKING_FILL = 0.98  # best-fit-decreasing fill of a micro-batch (DESIGN.md: >= 99% on long-tailed lengths)
+PACKING_FILL = 0.98  # best-fit-decreasing fill of a micro-batch (docs/design.md: >= 99% on long-tailed lengths)
 
 
 @dataclass(frozen=True)

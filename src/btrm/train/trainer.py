@@ -1,4 +1,5 @@
-"""The training loop: packed Bradley-Terry steps under DeepSpeed, eval, logging, checkpoints, exact resume."""
+"""The training loop: packed steps of the configured objective under DeepSpeed, eval, logging, checkpoints, exact
+resume."""
 
 from __future__ import annotations
 
@@ -197,7 +198,7 @@ class Trainer:
             micro_steps=len(micro), epoch=step / self.sampler.steps_per_epoch)
         if self.peak:
             metrics["mfu"] = train_flops(self.n_params, *self.shape, seg) / dt / (self.peak * d.world_size)
-        if d.device.type == "cuda":  # this rank's peak during the step (btrm plan's memory estimate is checked by it)
+        if d.device.type == "cuda":  # peak allocated during the step, GiB: what btrm plan's estimate is checked against
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
         return metrics
 
