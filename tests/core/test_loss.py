@@ -1,6 +1,6 @@
 """Objectives against hand-computed values, read through the batch's item layout.
 
-Two pairs, rewards (chosen, rejected) = (1, 0) and (0, 2): r_c - r_r = 1 and -2, so
+Two pairs, rewards (chosen, rejected) = (1, 0) and (-1, 1): r_c - r_r = 1 and -2, so
   -logsigmoid(1)  = log(1 + e^-1)   = 0.31326168751822286
   -logsigmoid(-2) = log(1 + e^2)    = 2.1269280110429727
   -logsigmoid(0.5)= log(1 + e^-0.5) = 0.4740769841801067   (pair 0 with margin 0.5)
@@ -21,7 +21,7 @@ G0, G1 = 0.2689414213699951, 0.8807970779778823
 def two_pairs(margins=(0.5, None)):
     # token ids are irrelevant to the loss: only the layout (which sequence is which pair's chosen) matters
     batch = collate_pairs([[1, 2], [3]], [[4], [5, 6, 7]], margins=list(margins))
-    rewards = torch.tensor([1.0, 0.0, 0.0, 2.0], requires_grad=True)  # row order: c0, r0, c1, r1
+    rewards = torch.tensor([1.0, 0.0, -1.0, 1.0], requires_grad=True)  # row order: c0, r0, c1, r1
     return batch, rewards
 
 
@@ -32,12 +32,12 @@ def test_bt_loss_metrics_and_gradient():
     loss.backward()
     assert rewards.grad.tolist() == pytest.approx([-G0, G0, -G1, G1], abs=1e-6)
     assert {k: v.item() for k, v in sums.items()} == pytest.approx(
-        {"pairs": 2, "loss": L0 + L1, "accuracy": 1, "margin": -1, "chosen_reward": 1, "rejected_reward": 2,
-         "chosen_reward_sq": 1, "rejected_reward_sq": 4}, abs=1e-6)
+        {"pairs": 2, "loss": L0 + L1, "accuracy": 1, "margin": -1, "chosen_reward": 0, "rejected_reward": 1,
+         "chosen_reward_sq": 2, "rejected_reward_sq": 1}, abs=1e-6)
     metrics = build_objective(LossConfig()).finalize({k: v.item() for k, v in sums.items()})
-    # chosen rewards {1, 0}: mean 0.5, std 0.5; rejected {0, 2}: mean 1, std 1
-    assert metrics == pytest.approx({"loss": (L0 + L1) / 2, "accuracy": 0.5, "margin": -0.5, "chosen_reward": 0.5,
-                                     "rejected_reward": 1.0, "chosen_reward_std": 0.5, "rejected_reward_std": 1.0,
+    # chosen rewards {1, -1}: mean 0, std 1; rejected {0, 1}: mean 0.5, std 0.5
+    assert metrics == pytest.approx({"loss": (L0 + L1) / 2, "accuracy": 0.5, "margin": -0.5, "chosen_reward": 0.0,
+                                     "rejected_reward": 0.5, "chosen_reward_std": 1.0, "rejected_reward_std": 0.5,
                                      "pairs": 2}, abs=1e-6)
 
 
@@ -46,15 +46,15 @@ def test_bt_margin_and_centering():
     margin, _ = build_objective(LossConfig(margin=True)).loss(rewards, batch)
     assert margin.item() == pytest.approx(L0_MARGIN + L1, abs=1e-6)  # a missing margin counts as 0
     centered, sums = build_objective(LossConfig(center_coef=0.1)).loss(rewards, batch)
-    # + 0.1 * (1 + 0)^2 + 0.1 * (0 + 2)^2 = 0.5
-    assert centered.item() == pytest.approx(L0 + L1 + 0.5, abs=1e-6)
-    assert sums["loss"].item() == pytest.approx(L0 + L1 + 0.5, abs=1e-6)
+    # + 0.1 * (1 + 0)^2 + 0.1 * (-1 + 1)^2 = 0.1
+    assert centered.item() == pytest.approx(L0 + L1 + 0.1, abs=1e-6)
+    assert sums["loss"].item() == pytest.approx(L0 + L1 + 0.1, abs=1e-6)
 
 
 def test_bt_reads_the_layout_not_row_positions():
     # the same two pairs with pair 1 stored rejected-first: ranks say which sequence is chosen
     batch = collate([[[1, 2], [4]], [[5, 6, 7], [3]]], ranks=[[0, 1], [1, 0]])
-    rewards = torch.tensor([1.0, 0.0, 2.0, 0.0], requires_grad=True)  # c0, r0, r1, c1
+    rewards = torch.tensor([1.0, 0.0, 1.0, -1.0], requires_grad=True)  # c0, r0, r1, c1
     loss, _ = build_objective(LossConfig()).loss(rewards, batch)
     assert loss.item() == pytest.approx(L0 + L1, abs=1e-6)
     loss.backward()
