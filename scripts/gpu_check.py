@@ -15,7 +15,7 @@
 2. Throughput: Qwen3-0.6B- and Qwen3-1.7B-shaped random-init models, bf16 weights, fused AdamW, 16,384-token packs
    of long-tailed (lognormal) pairs; forward + backward + optimizer step; packed with and without gradient
    checkpointing, plus a padded baseline over the same pairs (pad-to-longest micro-batches of consecutive pairs
-   under the same 16,384 padded-token budget, sdpa with attention_mask). MFU uses btrm.flops (its formula:
+   under the same 16,384 padded-token budget, sdpa with attention_mask). MFU uses btrm.flops (docs/design.md formula:
    6N + 12*L*H*Q*s_bar per token, useful tokens only, recompute not counted) and the peak from its table.
 
 Results: a markdown table printed last and `<out>/gpu_check.json` (rewritten after every config, so a run cut

@@ -100,3 +100,21 @@ def test_null_chosen_is_null_field_on_the_cli(tmp_path):
     assert proc.returncode == 0
     report = json.loads((tmp_path / "clean.report.json").read_text())
     assert report["invalid_rows"] == {"d": {"null_field": 1}}
+
+
+def test_report_round_trips_and_formats_itself(tmp_path):
+    # two sources: a has 1 null_field + 1 bad_json, b has 1 null_field; b also had a pair dropped as over-long
+    a = write_jsonl(tmp_path / "a.jsonl", [GOOD, BAD_ROWS["null_field"][0], "{not json"])
+    b = write_jsonl(tmp_path / "b.jsonl", [BAD_ROWS["null_field"][0], GOOD])
+    report = DataReport()
+    load_pairs([SourceConfig(path=str(a), name="a"), SourceConfig(path=str(b), name="b")], report)
+    report.overlong_dropped["b"] += 1
+    again = DataReport.from_dict(json.loads(json.dumps(report.as_dict())))  # as the tokenized cache keeps it
+    assert again.as_dict() == report.as_dict()
+    assert again.metrics("train") == {"data/train_skipped/null_field": 2, "data/train_skipped/bad_json": 1,
+                                      "data/train_overlong_dropped": 1, "data/train_overlong_truncated": 0}
+    lines = again.log_lines("train")
+    assert lines[0] == ('  train skipped invalid rows: {"a": {"null_field": 1, "bad_json": 1}, '
+                        '"b": {"null_field": 1}}')
+    assert len(lines) == 4 and lines[-1] == '  train over-long pairs dropped: {"b": 1}'
+    assert DataReport().log_lines("eval") == []

@@ -29,9 +29,8 @@ from tqdm.auto import tqdm
 
 from btrm import attention
 from btrm.config import SourceConfig
-from btrm.cpu import retain_freed_memory
 from btrm.data.sources import BadRow, iter_raw_rows, normalize_row, validate_messages
-from btrm.inference.scorer import RewardModel, pair_scores
+from btrm.inference.scorer import load_in_owned_process, pair_scores
 
 CONVERSATION_KEYS = ("messages", "conversation")
 
@@ -203,11 +202,10 @@ def score_file(args: argparse.Namespace) -> int:
     done = read_done(out_path, tally)
     if done:
         print(f"btrm score: resuming {out_path}: {done} rows already scored", file=sys.stderr)
-    rm = RewardModel.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                     attn_implementation=args.attn_implementation, max_length=args.max_length,
-                                     chat_template_kwargs=args.chat_template_kwargs, batch_tokens=args.batch_tokens,
-                                     truncation=args.truncation, trust_remote_code=args.trust_remote_code)
-    retain_freed_memory(rm.device)  # CPU: no page-faulting every batch's activations in again (btrm.cpu)
+    rm = load_in_owned_process(args.model, device=args.device, dtype=args.dtype,
+                               attn_implementation=args.attn_implementation, max_length=args.max_length,
+                               chat_template_kwargs=args.chat_template_kwargs, batch_tokens=args.batch_tokens,
+                               truncation=args.truncation, trust_remote_code=args.trust_remote_code)
     print(f"btrm score: {rm.length_note()}", file=sys.stderr)
     name = Path(args.input).stem
     t0, new_rows = time.perf_counter(), 0
