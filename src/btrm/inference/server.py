@@ -534,15 +534,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace, service: Service, url: str, server, failed: list) -> None:
     """Load the model while the server already answers /health with 503; stop the server if loading fails."""
-    from btrm.cpu import retain_freed_memory
-    from btrm.inference.scorer import RewardModel
+    from btrm.inference.scorer import load_in_owned_process
 
     try:
         # Texts arrive templated: the chat template (and its kwargs) is the client's business.
-        rm = RewardModel.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                         attn_implementation=args.attn_implementation, max_length=args.max_length,
-                                         trust_remote_code=args.trust_remote_code, batch_tokens=args.max_batch_tokens)
-        retain_freed_memory(rm.device)  # CPU: no page-faulting every batch's activations in again (btrm.cpu)
+        rm = load_in_owned_process(args.model, device=args.device, dtype=args.dtype,
+                                   attn_implementation=args.attn_implementation, max_length=args.max_length,
+                                   trust_remote_code=args.trust_remote_code, batch_tokens=args.max_batch_tokens)
         service.ready(rm, Batcher(rm, args.max_batch_tokens).start())
         print(f"btrm serve: ready at {url} (POST /classify, POST /pooling, GET /health; "
               f"{rm.length_note()})", flush=True)
