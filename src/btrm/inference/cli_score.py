@@ -6,6 +6,8 @@ Input rows (jsonl, or any file the trainer reads: json / parquet / arrow):
 One output line per input row (blank lines are not rows), in order; `row` is the 0-based input row, `id` is copied
 when the input has one. With --skip-bad a bad row gets {"row", "error"} instead, so counts stay aligned. An existing
 output is resumed: its rows are skipped in the input (by count) and the file is appended to.
+--server scores on running servers, and under torchrun / deepspeed every rank scores a shard: see
+btrm.inference.score_parallel.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from btrm import attention
 from btrm.config import SourceConfig
 from btrm.cpu import retain_freed_memory
 from btrm.data.sources import BadRow, iter_raw_rows, normalize_row, validate_messages
-from btrm.inference.scorer import RewardModel, pair_scores
+from btrm.inference import score_parallel
+from btrm.inference.score_parallel import Shard
+from btrm.inference.scorer import pair_scores
 
 CONVERSATION_KEYS = ("messages", "conversation")
 
@@ -52,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='JSON, e.g. \'{"date_string": "26 Jul 2024"}\' (default: the checkpoint\'s btrm_meta.json)')
     p.add_argument("--skip-bad", action="store_true", help="write {row, error} for bad rows instead of stopping")
     p.add_argument("--trust-remote-code", action="store_true")
+    score_parallel.add_arguments(p)
 
 
 @dataclass
@@ -86,7 +91,7 @@ class Tally:
         return "\n".join(lines)
 
 
-def read_done(path: Path, tally: Tally) -> int:
+def read_done(path: Path, tally: Tally, shard: Shard = Shard()) -> int:
     """Rows already in an output file (a torn last line is cut off); tallies them for the final accuracy."""
     if not path.exists():
         return 0
@@ -97,8 +102,8 @@ def read_done(path: Path, tally: Tally) -> int:
             f.truncate(keep)
     for k, line in enumerate(data[:keep].splitlines()):
         rec = json.loads(line)
-        if rec.get("row") != k:
-            raise Stop(f"{path} line {k + 1} has row {rec.get('row')!r}, expected {k}: not an output of "
+        if rec.get("row") != shard.row(k):
+            raise Stop(f"{path} line {k + 1} has row {rec.get('row')!r}, expected {shard.row(k)}: not an output of "
                        "`btrm score`; use --overwrite or another --output")
         tally.add(rec)
     return tally.rows
@@ -177,24 +182,24 @@ class ChunkScorer:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        rank, world, local_rank = score_parallel.launcher_rank()
+        if world > 1:
+            return score_parallel.score_ranks(args, rank, world, local_rank)
         return score_file(args)
     except Stop as e:
         print(f"btrm score: error: {e}", file=sys.stderr)
         return 2
 
 
-def score_file(args: argparse.Namespace) -> int:
-    out_path = Path(args.output)
+def score_file(args: argparse.Namespace, shard: Shard = Shard(), out_path: Path | None = None) -> int:
+    out_path = Path(out_path or args.output)
     if args.overwrite and out_path.exists():
         out_path.unlink()
     tally = Tally()
-    done = read_done(out_path, tally)
+    done = read_done(out_path, tally, shard)
     if done:
         print(f"btrm score: resuming {out_path}: {done} rows already scored", file=sys.stderr)
-    rm = RewardModel.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                     attn_implementation=args.attn_implementation, max_length=args.max_length,
-                                     chat_template_kwargs=args.chat_template_kwargs, batch_tokens=args.batch_tokens,
-                                     truncation=args.truncation, trust_remote_code=args.trust_remote_code)
+    rm = score_parallel.load_model(args)
     retain_freed_memory(rm.device)  # CPU: no page-faulting every batch's activations in again (btrm.cpu)
     print(f"btrm score: {rm.length_note()}", file=sys.stderr)
     name = Path(args.input).stem
@@ -204,7 +209,8 @@ def score_file(args: argparse.Namespace) -> int:
         score_chunk = ChunkScorer(rm, out, tally, args, bar)
         chunk: list[tuple[int, str, str, Any, Any]] = []
         for row, (origin, raw) in enumerate(iter_raw_rows(SourceConfig(path=args.input))):
-            if row < done:
+            k = shard.index(row)
+            if k is None or k < done:
                 continue
             row_id = raw.get("id") if isinstance(raw, dict) else None
             try:
