@@ -122,6 +122,7 @@ def test_server_scores_like_local_and_survives_a_kill(servers, rm_dirs, tmp_path
             assert time.monotonic() < deadline and t.is_alive()
             time.sleep(0.01)
         victim.send_signal(signal.SIGKILL)
+        assert t.is_alive()  # killed mid-run: the rest of its share goes to the other server
         t.join(timeout=300)
         assert result["rc"] == 0
         assert_same_rewards(killed, local)

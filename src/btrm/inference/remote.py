@@ -244,6 +244,7 @@ def remote_reward_model(urls: Sequence[str], checkpoint, backend: str = "auto", 
     tokenizer exactly as local scoring does (its btrm_meta.json template kwargs unless given, one BOS stripped);
     the servers get the templated texts. Over-long conversations are errors (OverlongError), never cut: a server
     tokenizes what it is sent, so truncation='left' is local-only."""
+    import torch
     from transformers import AutoConfig, AutoTokenizer
 
     from btrm.inference.scorer import OverlongError, RewardModel, read_meta, usable_length
@@ -261,7 +262,7 @@ def remote_reward_model(urls: Sequence[str], checkpoint, backend: str = "auto", 
             self.length_rule = "as given" if max_length else "min(max_position_embeddings, 16384)"
             self.train_max_length = meta.get("max_length")
             self.truncation, self.batch_tokens = "error", 0
-            self.device = None
+            self.device = torch.device("cpu")  # the client only renders and tokenizes
             chosen = backend if backend != "auto" else detect_backend(list(urls)[0])
             self.scorer = RemoteScorer(urls, backend=chosen, tokenizer=self.tokenizer,
                                        chat_template_kwargs=self.chat_template_kwargs, **scorer_options)
