@@ -138,3 +138,17 @@ def assert_same_rewards(got_path: Path, want_path: Path) -> None:
         for key in ("reward", "chosen", "rejected"):
             if key in w:
                 assert g[key] == pytest.approx(w[key], abs=1e-5)
+
+
+def test_eval_server_equals_local(servers, rm_dirs, tmp_path):
+    data = Path(__file__).parents[1] / "eval" / "fixtures" / "rm-bench.json"
+    base = ["eval", "--model", str(rm_dirs["llama3"]), "--benchmark", "rm-bench", "--data", str(data)]
+    assert main([*base, "--output-dir", str(tmp_path / "local")]) == 0
+    assert main([*base, "--output-dir", str(tmp_path / "remote"), "--server", servers["a"], servers["b"]]) == 0
+    local, remote = ([json.loads(x) for x in (tmp_path / d / "rm-bench.rows.jsonl").read_text().splitlines()]
+                     for d in ("local", "remote"))
+    assert len(local) == len(remote) > 0
+    assert remote[0]["counts"] == local[0]["counts"] and remote[0]["model"] == local[0]["model"]
+    for a, b in zip(local[1:], remote[1:]):
+        assert a["id"] == b["id"] and a["result"] == b["result"] and a["scores"].keys() == b["scores"].keys()
+        assert list(b["scores"].values()) == pytest.approx(list(a["scores"].values()), abs=1e-5)

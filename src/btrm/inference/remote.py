@@ -272,7 +272,8 @@ def remote_reward_model(urls: Sequence[str], checkpoint, backend: str = "auto", 
             out = []
             for i, (text, ids) in enumerate(zip(texts, tokenize_texts(self.tokenizer, texts))):
                 if len(ids) > self.max_length:
-                    out.append(OverlongError(i, len(ids), self.max_length, "servers are sent whole conversations"))
+                    out.append(OverlongError(i, len(ids), self.max_length, "servers get whole conversations: "
+                                             "prompts are cut only when scoring locally"))
                 else:
                     out.append(_Rendered(ids))
                     out[-1].text = text
