@@ -16,7 +16,7 @@ import pytest
 from infhelp import SERVER_ARGS, get_json, make_conversations, start_server, stop_server, wait_healthy
 
 from btrm.cli import main
-from btrm.inference.score_parallel import Shard
+from btrm.inference.score_parallel import Shard, cut_torn_chunk
 
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -43,6 +43,15 @@ def test_shard_deals_chunks_round_robin():
     assert mine == [7, 8, 13, 14, 19, 20, 25, 26]
     assert [s.index(r) for r in mine] == list(range(8)) and [s.row(k) for k in range(8)] == mine
     assert s.index(3) is None and Shard().index(9) == 9
+
+
+def test_torn_chunk_is_cut_to_whole_chunks(tmp_path):
+    part = tmp_path / "part.jsonl"
+    part.write_text("".join(f'{{"row": {i}, "reward": 0.5}}\n' for i in range(10)) + '{"row": 10, "rew')
+    cut_torn_chunk(part, 4)
+    assert part.read_text().splitlines() == [f'{{"row": {i}, "reward": 0.5}}' for i in range(8)]
+    cut_torn_chunk(part, 4)  # whole chunks stay
+    assert part.read_text().count("\n") == 8
 
 
 def test_two_ranks_byte_identical_and_resume_after_kill(rm_dirs, tmp_path):
