@@ -19,13 +19,20 @@ a small warm-up slice first; then the methods run --repeats times in turn and th
 machine's load comes and goes). The rewards of every method are compared with the packed ones (max |diff|).
 All methods run with the allocator setting `btrm score` uses on CPU (`btrm.cpu.retain_freed_memory`);
 `--no-retain` keeps glibc's defaults.
+
+--ranks N adds `btrm score` end to end on a jsonl of the same conversations (--rank-convs of them): one process
+with all the cores' threads, then `torchrun --nproc-per-node N` with cores/N threads per rank, back to back,
+wall clock from launch to merged output (process start and model load included), outputs compared byte for byte.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import json
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -113,6 +120,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--markdown", action="store_true", help="print the table as markdown (for BENCHMARKS.md)")
     ap.add_argument("--no-retain", action="store_true", help="glibc malloc defaults instead of btrm score's")
+    ap.add_argument("--ranks", type=int, default=0, help="also time `btrm score` on 1 process vs N torchrun ranks")
+    ap.add_argument("--rank-convs", type=int, default=768, help="conversations for the --ranks rows")
     args = ap.parse_args()
     from btrm.cpu import retain_freed_memory
 
@@ -127,6 +136,7 @@ def main() -> None:
         rm = RewardModel.from_pretrained(path, dtype="fp32", batch_tokens=args.batch_tokens)
         hf = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32,
                                                                 attn_implementation="sdpa").eval()
+        rank_rows = score_ranks(path, work, args) if args.ranks else []
     tok = rm.tokenizer
     convs = make_conversations(args.convs, args.seed)
     lengths = [len(x) for x in rm.encode(convs)]
@@ -166,6 +176,43 @@ def main() -> None:
         print(f"{'method':32} {'conv/s':>8} {'tokens/s':>10} {'padding':>8} {'time s':>7} {'vs seed':>8} {'max|diff|':>10}")
         for name, cps, tps, padf, dt, diff in rows:
             print(f"{name:32} {cps:8.1f} {tps:10,.0f} {padf:8.0%} {dt:7.1f} {cps / base:7.2f}x {diff:10.1e}")
+    if rank_rows:
+        one = rank_rows[0][1]
+        print(f"\n# btrm score end to end, {args.rank_convs} conversations, --chunk-rows 64, load avg "
+              f"{os.getloadavg()[0]:.1f}")
+        print("| run | conv/s | wall (s) | vs 1 process | output |")
+        print("|---|---:|---:|---:|---|")
+        for name, cps, dt, same in rank_rows:
+            print(f"| {name} | {cps:.1f} | {dt:.1f} | {cps / one:.2f}x | {same} |")
+
+
+def score_ranks(model: str, work: str, args) -> list[tuple[str, float, float, str]]:
+    """`btrm score` wall clock: one process, then torchrun with args.ranks ranks (best of --repeats each)."""
+    inp = os.path.join(work, "convs.jsonl")
+    with open(inp, "w") as f:
+        for c in make_conversations(args.rank_convs, args.seed + 1):
+            f.write(json.dumps({"messages": c}) + "\n")
+    cores = os.cpu_count() or 1
+    runs = {"1 process": ([sys.executable, "-m", "btrm.cli"], cores),
+            f"torchrun, {args.ranks} ranks": ([os.path.join(os.path.dirname(sys.executable), "torchrun"),
+                                              "--nproc-per-node", str(args.ranks), "-m", "btrm.cli"],
+                                             max(1, cores // args.ranks))}
+    best, outputs = {}, {}
+    for _ in range(args.repeats):
+        for name, (launch, threads) in runs.items():
+            out = os.path.join(work, f"{name.replace(' ', '_').replace(',', '')}.jsonl")
+            if os.path.exists(out):
+                os.unlink(out)
+            cmd = [*launch, "score", "--model", model, "--input", inp, "--output", out, "--chunk-rows", "64",
+                   "--dtype", "fp32", "--batch-tokens", str(args.batch_tokens)]
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+            best[name] = min(time.perf_counter() - t0, best.get(name, float("inf")))
+            outputs[name] = open(out, "rb").read()
+    ref = outputs["1 process"]
+    return [(f"btrm score, {name} ({threads} threads each)", args.rank_convs / best[name], best[name],
+             "reference" if name == "1 process" else "byte-identical" if outputs[name] == ref else "DIFFERS")
+            for name, (_, threads) in runs.items()]
 
 
 if __name__ == "__main__":

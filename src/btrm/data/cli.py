@@ -67,8 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="running SGLang / vLLM / btrm serve servers (needs --tokenizer)")
     p.add_argument("--tokenizer", metavar="CKPT",
                    help="with --server: the checkpoint whose tokenizer and chat_template_kwargs render the pairs")
-    p.add_argument("--backend", default="sglang", choices=["sglang", "vllm"],
-                   help="with --server: /classify (sglang, btrm serve) or /pooling (vllm)")
+    p.add_argument("--backend", default="auto", choices=["auto", "sglang", "vllm"],
+                   help="with --server: /classify (sglang, btrm serve) or /pooling (vllm); auto asks the first server")
     p.add_argument("--device", help="with --model: torch device (default: cuda if available, else cpu)")
     p.add_argument("--max-disagreement", type=float, metavar="D",
                    help="remove pairs with reward(chosen) - reward(rejected) < -D")

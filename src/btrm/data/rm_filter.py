@@ -48,11 +48,10 @@ class FilterRule:
                 "margin_band": list(self.band) if self.band else None, "mode": "flag" if self.flag else "remove"}
 
 
-def local_scorer(checkpoint: str, device: str | None = None) -> tuple[ScoreFn, dict]:
-    """Rewards from a local checkpoint; a conversation longer than its max_length is left unscored (None)."""
-    from btrm.inference.scorer import OverlongError, RewardModel
-
-    rm = RewardModel.from_pretrained(checkpoint, device=device)
+def _score_fn(rm) -> ScoreFn:
+    """A RewardModel's (local or `remote_reward_model`) rewards; a conversation longer than its max_length is left
+    unscored (None)."""
+    from btrm.inference.scorer import OverlongError
 
     def score(conversations):
         ids = rm.encode_each(conversations)
@@ -62,19 +61,26 @@ def local_scorer(checkpoint: str, device: str | None = None) -> tuple[ScoreFn, d
             rewards[i] = r
         return rewards
 
-    return score, {"model": str(checkpoint), "max_length": rm.max_length,
-                   "chat_template_kwargs": rm.chat_template_kwargs}
+    return score
 
 
-def remote_scorer(urls: Sequence[str], tokenizer: str, backend: str = "sglang") -> tuple[ScoreFn, dict]:
-    """Rewards from running servers; rendered with `tokenizer` (a checkpoint dir: its btrm_meta template kwargs)."""
-    from btrm.inference.remote import RemoteScorer
-    from btrm.inference.scorer import read_meta
+def local_scorer(checkpoint: str, device: str | None = None) -> tuple[ScoreFn, dict]:
+    """Rewards from a local checkpoint."""
+    from btrm.inference.scorer import RewardModel
 
-    kwargs = read_meta(tokenizer).get("chat_template_kwargs") or {}
-    scorer = RemoteScorer(list(urls), backend=backend, tokenizer=tokenizer, chat_template_kwargs=kwargs)
-    return scorer.score, {"servers": list(urls), "backend": backend, "tokenizer": str(tokenizer),
-                          "chat_template_kwargs": kwargs}
+    rm = RewardModel.from_pretrained(checkpoint, device=device)
+    return _score_fn(rm), {"model": str(checkpoint), "max_length": rm.max_length,
+                           "chat_template_kwargs": rm.chat_template_kwargs}
+
+
+def remote_scorer(urls: Sequence[str], tokenizer: str, backend: str = "auto") -> tuple[ScoreFn, dict]:
+    """Rewards from running servers; rendered with `tokenizer` (a checkpoint dir: its btrm_meta template kwargs)
+    exactly as `local_scorer` renders (btrm.inference.remote.remote_reward_model)."""
+    from btrm.inference.remote import remote_reward_model
+
+    rm = remote_reward_model(list(urls), tokenizer, backend)
+    return _score_fn(rm), {"servers": list(urls), "backend": rm.scorer.backend, "tokenizer": str(tokenizer),
+                           "max_length": rm.max_length, "chat_template_kwargs": rm.chat_template_kwargs}
 
 
 def scores_path(output: str | Path) -> Path:

@@ -66,6 +66,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="passed to RewardModel.from_pretrained (default: its own)")
     p.add_argument("--dtype", help="passed to RewardModel.from_pretrained (default: its own)")
     p.add_argument("--attn-implementation", choices=attention.CHOICES, help=attention.help_text())
+    p.add_argument("--server", nargs="+", metavar="URL", help="score on running SGLang / vLLM / `btrm serve` servers "
+                   "of the --model checkpoint, which renders and tokenizes as local scoring does (over-long "
+                   "conversations: --over-length skip, or error; the prompt is cut only locally)")
+    p.add_argument("--backend", default="auto", choices=["auto", "sglang", "vllm"],
+                   help="with --server: /classify (sglang, btrm serve) or /pooling (vllm); auto asks the first server")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,12 +113,17 @@ def load_scorer(args: argparse.Namespace):
 
     options = dict(device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
                    max_length=args.max_length, batch_tokens=args.batch_tokens)
-    model = load_in_owned_process(
-        args.model,
-        # under "truncate" the model gets over-long conversations: it cuts their prompt from the left
-        truncation="left" if args.over_length == "truncate" else "error",
-        **{k: v for k, v in options.items() if v is not None},
-    )
+    if args.server:
+        from btrm.inference.remote import remote_reward_model
+
+        model = remote_reward_model(args.server, args.model, args.backend, args.max_length)
+    else:
+        model = load_in_owned_process(
+            args.model,
+            # under "truncate" the model gets over-long conversations: it cuts their prompt from the left
+            truncation="left" if args.over_length == "truncate" else "error",
+            **{k: v for k, v in options.items() if v is not None},
+        )
     print(model.length_note())
 
     def length_fn(conversation):  # rendered exactly as RewardModel.score renders it

@@ -12,6 +12,9 @@ resume re-scores the chunk it lands in and writes only the missing rows, so ever
 neighbours as in an uninterrupted run and the output is identical bit for bit (same --chunk-rows and
 --batch-tokens). A different packing changes the matmul shapes and so the rounding: up to 5.7e-6 in fp32 on CPU,
 and possibly a bf16 ulp on a GPU, enough to flip a close pair (BENCHMARKS.md, "Resumed scoring").
+
+--server scores on running servers, and under torchrun / deepspeed every rank scores a shard: see
+btrm.inference.score_parallel (a shard's chunks keep the same fixed boundaries, counted within the shard).
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from tqdm.auto import tqdm
 from btrm import attention
 from btrm.config import SourceConfig
 from btrm.data.sources import BadRow, iter_raw_rows, normalize_row, validate_messages
-from btrm.inference.scorer import load_in_owned_process, pair_scores
+from btrm.inference import score_parallel
+from btrm.inference.score_parallel import Shard
+from btrm.inference.scorer import pair_scores
 
 CONVERSATION_KEYS = ("messages", "conversation")
 
@@ -57,6 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='JSON, e.g. \'{"date_string": "26 Jul 2024"}\' (default: the checkpoint\'s btrm_meta.json)')
     p.add_argument("--skip-bad", action="store_true", help="write {row, error} for bad rows instead of stopping")
     p.add_argument("--trust-remote-code", action="store_true")
+    score_parallel.add_arguments(p)
 
 
 @dataclass
@@ -91,7 +97,7 @@ class Tally:
         return "\n".join(lines)
 
 
-def read_done(path: Path, tally: Tally) -> int:
+def read_done(path: Path, tally: Tally, shard: Shard = Shard()) -> int:
     """Rows already in an output file (a torn last line is cut off); tallies them for the final accuracy."""
     if not path.exists():
         return 0
@@ -102,8 +108,8 @@ def read_done(path: Path, tally: Tally) -> int:
             f.truncate(keep)
     for k, line in enumerate(data[:keep].splitlines()):
         rec = json.loads(line)
-        if rec.get("row") != k:
-            raise Stop(f"{path} line {k + 1} has row {rec.get('row')!r}, expected {k}: not an output of "
+        if rec.get("row") != shard.row(k):
+            raise Stop(f"{path} line {k + 1} has row {rec.get('row')!r}, expected {shard.row(k)}: not an output of "
                        "`btrm score`; use --overwrite or another --output")
         tally.add(rec)
     return tally.rows
@@ -130,9 +136,13 @@ def parse_row(raw: Any, origin: str, name: str) -> tuple[str, Any]:
 class ChunkScorer:
     """Scores a chunk of parsed rows together (one packing over all their conversations) and writes it."""
 
-    def __init__(self, rm, out, tally: Tally, args, bar=None, done: int = 0):
+    def __init__(self, rm, out, tally: Tally, args, bar=None, done: int = 0, shard: Shard = Shard()):
         self.rm, self.out, self.tally, self.args, self.bar = rm, out, tally, args, bar
-        self.done = done  # rows below this are already in the output: scored for packing, not written
+        self.done, self.shard = done, shard  # the shard's first `done` rows are already in the output
+
+    def is_new(self, row: int) -> bool:
+        """Input row `row` is not in the output yet (rows before it in its chunk are scored for packing only)."""
+        return self.shard.index(row) >= self.done
 
     def __call__(self, rows: list[tuple[int, str, str, Any, Any]]) -> None:
         """rows: (row index, origin, kind, conversation(s), id); kind "bad" carries the error message."""
@@ -152,7 +162,7 @@ class ChunkScorer:
             if not isinstance(ids, list) and k not in errors:
                 msg = (f"{rows[k][1]}: field '{fld}': {ids.length} tokens > max length {ids.max_length} ("
                        + (ids.why or "--truncation left cuts the prompt from the left") + ")")
-                if not self.args.skip_bad and rows[k][0] >= self.done:
+                if not self.args.skip_bad and self.is_new(rows[k][0]):
                     if k:  # score the rows before it, so a resume starts at the bad row
                         self(rows[:k])
                     raise Stop(f"{msg} (or pass --skip-bad)")
@@ -164,11 +174,11 @@ class ChunkScorer:
             by_row[owner[i]].append(r)
         self.write(rows, by_row, errors)
         if self.bar is not None:
-            self.bar.update(sum(r[0] >= self.done for r in rows))
+            self.bar.update(sum(self.is_new(r[0]) for r in rows))
 
     def write(self, rows, by_row: dict[int, list[float]], errors: dict[int, str]) -> None:
         for k, (row, _, kind, item, row_id) in enumerate(rows):
-            if row < self.done:
+            if not self.is_new(row):
                 continue
             rec: dict[str, Any] = {"row": row}
             if row_id is not None:
@@ -188,45 +198,46 @@ class ChunkScorer:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        rank, world, local_rank = score_parallel.launcher_rank()
+        if world > 1:
+            return score_parallel.score_ranks(args, rank, world, local_rank)
         return score_file(args)
     except Stop as e:
         print(f"btrm score: error: {e}", file=sys.stderr)
         return 2
 
 
-def score_file(args: argparse.Namespace) -> int:
-    out_path = Path(args.output)
+def score_file(args: argparse.Namespace, shard: Shard = Shard(), out_path: Path | None = None) -> int:
+    out_path = Path(out_path or args.output)
     if args.overwrite and out_path.exists():
         out_path.unlink()
     tally = Tally()
-    done = read_done(out_path, tally)
+    done = read_done(out_path, tally, shard)
     if done:
         print(f"btrm score: resuming {out_path}: {done} rows already scored", file=sys.stderr)
-    rm = load_in_owned_process(args.model, device=args.device, dtype=args.dtype,
-                               attn_implementation=args.attn_implementation, max_length=args.max_length,
-                               chat_template_kwargs=args.chat_template_kwargs, batch_tokens=args.batch_tokens,
-                               truncation=args.truncation, trust_remote_code=args.trust_remote_code)
+    rm = score_parallel.load_model(args)
     print(f"btrm score: {rm.length_note()}", file=sys.stderr)
     name = Path(args.input).stem
     t0, new_rows = time.perf_counter(), 0
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("a", encoding="utf-8") as out, tqdm(desc="scoring", unit="row", initial=done) as bar:
-        score_chunk = ChunkScorer(rm, out, tally, args, bar, done)
+        score_chunk = ChunkScorer(rm, out, tally, args, bar, done, shard)
         start = done - done % args.chunk_rows  # a resume re-packs the whole chunk it lands in (fixed boundaries)
         chunk: list[tuple[int, str, str, Any, Any]] = []
         for row, (origin, raw) in enumerate(iter_raw_rows(SourceConfig(path=args.input))):
-            if row < start:
+            k = shard.index(row)  # position in this rank's shard (the row itself with one process)
+            if k is None or k < start:
                 continue
             row_id = raw.get("id") if isinstance(raw, dict) else None
             try:
                 kind, item = parse_row(raw, origin, name)
             except BadRow as e:
-                if not args.skip_bad and row >= done:
+                if not args.skip_bad and k >= done:
                     score_chunk(chunk)
                     raise Stop(f"{e} (or pass --skip-bad)") from None
                 kind, item = "bad", str(e)
             chunk.append((row, origin, kind, item, row_id))
-            new_rows += row >= done
+            new_rows += k >= done
             if len(chunk) >= args.chunk_rows:
                 score_chunk(chunk)
                 chunk = []

@@ -21,6 +21,7 @@ import urllib.request
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any, Literal, Sequence
 
+from btrm.errors import UserError
 from btrm.render import render_text
 
 ROUTES = {"sglang": "/classify", "vllm": "/pooling"}
@@ -28,7 +29,7 @@ RETRYABLE_STATUS = {408, 429}  # and every 5xx
 DOWN_FOR = 10.0  # seconds a server that failed is tried after the others
 
 
-class RemoteScoringError(RuntimeError):
+class RemoteScoringError(RuntimeError, UserError):
     """A batch failed for good (after retries, or with a client error that retrying cannot fix)."""
 
 
@@ -213,3 +214,78 @@ class RemoteScorer:
 def _describe(x: Any) -> str:
     s = json.dumps(x)[:200] if not isinstance(x, (bytes, bytearray)) else repr(x[:200])
     return f"{type(x).__name__} {s}"
+
+
+def detect_backend(url: str, timeout: float = 30.0) -> str:
+    """"sglang" when the server answers SGLang's GET /get_model_info (SGLang, `btrm serve`), else "vllm" when it
+    answers GET /v1/models (vLLM has no /get_model_info); RemoteScoringError when it answers neither."""
+    base = RemoteScorer._base(url)
+    for route, backend in (("/get_model_info", "sglang"), ("/v1/models", "vllm")):
+        try:
+            with urllib.request.urlopen(base + route, timeout=timeout) as resp:
+                if resp.status == 200:
+                    return backend
+        except (urllib.error.URLError, http.client.HTTPException, OSError):
+            continue
+    raise RemoteScoringError(f"{base}: neither GET /get_model_info (SGLang, btrm serve) nor GET /v1/models (vLLM) "
+                             "answered; is the server up? (or pass --backend)")
+
+
+class _Rendered(list):
+    """Token ids that keep the text they were tokenized from: the text is what a server is sent."""
+
+    text: str
+
+
+def remote_reward_model(urls: Sequence[str], checkpoint, backend: str = "auto", max_length: int | None = None,
+                        chat_template_kwargs: dict[str, Any] | None = None, trust_remote_code: bool = False,
+                        **scorer_options):
+    """A `RewardModel` whose forward runs on servers: rendered, length-checked and tokenized by the checkpoint's
+    tokenizer exactly as local scoring does (its btrm_meta.json template kwargs unless given, one BOS stripped);
+    the servers get the templated texts. Over-long conversations are errors (OverlongError), never cut: a server
+    tokenizes what it is sent, so truncation='left' is local-only."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from btrm.inference.scorer import OverlongError, RewardModel, read_meta, usable_length
+    from btrm.render import tokenize_texts
+
+    class RemoteRewardModel(RewardModel):
+        def __init__(self):  # RewardModel's encoding, length and reporting; no weights
+            self.model = None
+            self.tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+            meta = read_meta(checkpoint)
+            self.chat_template_kwargs = dict(meta.get("chat_template_kwargs") or {} if chat_template_kwargs is None
+                                             else chat_template_kwargs)
+            self.max_length = int(max_length or usable_length(config))
+            self.length_rule = "as given" if max_length else "min(max_position_embeddings, 16384)"
+            self.train_max_length = meta.get("max_length")
+            self.truncation, self.batch_tokens = "error", 0
+            self.device = torch.device("cpu")  # the client only renders and tokenizes
+            chosen = backend if backend != "auto" else detect_backend(list(urls)[0])
+            self.scorer = RemoteScorer(urls, backend=chosen, tokenizer=self.tokenizer,
+                                       chat_template_kwargs=self.chat_template_kwargs, **scorer_options)
+
+        def encode_each(self, conversations):
+            texts = [render_text(self.tokenizer, c, self.chat_template_kwargs) for c in conversations]
+            out = []
+            for i, (text, ids) in enumerate(zip(texts, tokenize_texts(self.tokenizer, texts))):
+                if len(ids) > self.max_length:
+                    out.append(OverlongError(i, len(ids), self.max_length, "servers get whole conversations: "
+                                             "prompts are cut only when scoring locally"))
+                else:
+                    out.append(_Rendered(ids))
+                    out[-1].text = text
+            return out
+
+        def score_ids(self, seqs, batch_tokens=None, progress=None):
+            return self.scorer.score_texts([s.text for s in seqs], progress)
+
+        def length_note(self) -> str:
+            return f"{super().length_note()}; scored by {len(self.scorer.urls)} {self.scorer.backend} server(s)"
+
+        def __repr__(self) -> str:
+            return f"RemoteRewardModel({self.scorer.urls}, backend={self.scorer.backend}, max_length={self.max_length})"
+
+    return RemoteRewardModel()
