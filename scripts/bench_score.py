@@ -55,21 +55,10 @@ def make_conversations(n: int, seed: int) -> list[list[dict]]:
 
 
 def build_model(work: str, hidden: int, layers: int) -> str:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from btrm.tiny import build_tiny_reward_model
 
-    from btrm.modeling import ensure_pad_token
-    from btrm.tiny import build_tiny_model
-
-    base = build_tiny_model("llama3", os.path.join(work, "base"), hidden_size=hidden, num_layers=layers, num_heads=8,
-                            num_kv_heads=4, intermediate_size=4 * hidden)
-    tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, pad_token_id=ensure_pad_token(tok))
-    with torch.no_grad():
-        model.score.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
-    out = os.path.join(work, "rm")
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return str(build_tiny_reward_model(os.path.join(work, "rm"), hidden_size=hidden, num_layers=layers,
+                                       num_heads=8, num_kv_heads=4, intermediate_size=4 * hidden))
 
 
 def seed_text(tok, conv) -> str:

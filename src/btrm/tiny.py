@@ -368,6 +368,26 @@ _WORDS = {
 }
 
 
+def build_tiny_reward_model(out_dir, *, score_std: float = 1.0, **shape) -> Path:
+    """A random-init one-label reward model (`score` head N(0, score_std), seed 0) saved to ``out_dir``: a Llama-3
+    tiny base of ``shape`` (build_tiny_model's keywords) with a pad token that never ends a conversation. The
+    benchmark scripts score with it; a unit-scale head spreads the rewards so that orderings are not all ties."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from btrm.modeling import ensure_pad_token
+
+    out_dir = Path(out_dir)
+    base = build_tiny_model("llama3", out_dir.with_name(out_dir.name + "-base"), **shape)
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, pad_token_id=ensure_pad_token(tok))
+    with torch.no_grad():
+        model.score.weight.normal_(0.0, score_std, generator=torch.Generator().manual_seed(0))
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
 def _conv(user: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
 
