@@ -18,7 +18,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from btrm import attention
+from btrm import attention, calibration
 from btrm.data.dataset import common_prefix_len
 from btrm.data.packing import PackedBatch, best_fit_decreasing, pack_sequences
 from btrm.errors import UserError
@@ -87,6 +87,8 @@ class RewardModel:
         self.device = next(model.parameters()).device
         self.train_max_length: int | None = None  # the training run's max_length (btrm_meta.json), for display
         self.length_rule = "as given"  # where max_length came from, for display
+        self.calibration: dict | None = None  # {"mean", "std", ...} for normalize=True (btrm.calibration)
+        self.name = "this model"
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | Path, device: str | torch.device | None = None,
@@ -130,6 +132,8 @@ class RewardModel:
         rm = cls(model, tokenizer, max_length=max_length or usable_length(config),
                  chat_template_kwargs=chat_template_kwargs, batch_tokens=batch_tokens, truncation=truncation)
         rm.train_max_length = meta.get("max_length")
+        rm.calibration = calibration.load(meta, config)
+        rm.name = path
         rm.length_rule = "as given" if max_length else (
             f"min(max_position_embeddings {getattr(config, 'max_position_embeddings', None)}, {DEFAULT_MAX_LENGTH})")
         rm._check_checkpoint(config)
@@ -221,31 +225,40 @@ class RewardModel:
     # Scoring
 
     def score(self, conversations: Sequence[Conversation], batch_tokens: int | None = None,
-              progress: bool | None = None) -> list[float]:
-        """One reward per conversation (a list of {role, content} messages), in input order."""
-        return self.score_ids(self.encode(conversations), batch_tokens, progress)
+              progress: bool | None = None, normalize: bool = False) -> list[float]:
+        """One reward per conversation (a list of {role, content} messages), in input order.
+
+        normalize=True returns (r - mean) / std with the checkpoint's stored calibration (btrm.calibration)."""
+        return self.score_ids(self.encode(conversations), batch_tokens, progress, normalize)
 
     def score_texts(self, texts: Sequence[str], batch_tokens: int | None = None,
-                    progress: bool | None = None) -> list[float]:
+                    progress: bool | None = None, normalize: bool = False) -> list[float]:
         """Rewards of already-templated strings with the BOS stripped (what SGLang's /classify receives)."""
-        return self.score_ids(self.encode_texts(texts), batch_tokens, progress)
+        return self.score_ids(self.encode_texts(texts), batch_tokens, progress, normalize)
 
     def score_pairs(self, chosen: Sequence[Conversation], rejected: Sequence[Conversation],
-                    batch_tokens: int | None = None, progress: bool | None = None) -> list[PairScore]:
+                    batch_tokens: int | None = None, progress: bool | None = None,
+                    normalize: bool = False) -> list[PairScore]:
         """Rewards of preference pairs and which side the model prefers."""
         if len(chosen) != len(rejected):
             raise ValueError(f"{len(chosen)} chosen vs {len(rejected)} rejected conversations")
-        rewards = self.score(list(chosen) + list(rejected), batch_tokens, progress)
+        rewards = self.score(list(chosen) + list(rejected), batch_tokens, progress, normalize)
         return pair_scores(rewards[:len(chosen)], rewards[len(chosen):])
+
+    def normalize(self, rewards: list[float]) -> list[float]:
+        """(r - mean) / std with the stored calibration; a UserError when the checkpoint has none."""
+        return calibration.normalize(rewards, self.calibration, self.name)
 
     @torch.inference_mode()
     def score_ids(self, seqs: Sequence[Sequence[int]], batch_tokens: int | None = None,
-                  progress: bool | None = None) -> list[float]:
+                  progress: bool | None = None, normalize: bool = False) -> list[float]:
         """Rewards of token id lists (read at each list's last id), in input order.
 
         Packed by best-fit decreasing into rows of at most `batch_tokens` tokens (a longer sequence gets a row of
         its own), one decoder pass per row.
         """
+        if normalize and not self.calibration:
+            self.normalize([])  # fail before the forward passes
         if not seqs:
             return []
         sizes = [len(s) for s in seqs]
@@ -269,7 +282,7 @@ class RewardModel:
                 bar.update(len(b))
         if show:
             bar.close()
-        return out
+        return self.normalize(out) if normalize else out
 
     def __repr__(self) -> str:
         return (f"RewardModel({type(self.model).__name__}, device={self.device}, max_length={self.max_length}, "

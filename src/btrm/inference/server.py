@@ -66,9 +66,10 @@ class _Job:
 class Batcher:
     """One model worker thread: scores the token lists of all queued requests together."""
 
-    def __init__(self, rm, max_batch_tokens: int):
+    def __init__(self, rm, max_batch_tokens: int, normalize: bool = False):
         self.rm = rm
         self.max_batch_tokens = max_batch_tokens
+        self.normalize = normalize  # answer (r - mean) / std with the checkpoint's stored calibration
         self.q: queue.Queue[_Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self._loop, name="btrm-model-worker", daemon=True)
         self.closed = False
@@ -126,7 +127,8 @@ class Batcher:
     def _run(self, jobs: list[_Job]) -> None:
         seqs = [s for j in jobs for s in j.seqs]
         try:
-            rewards = self.rm.score_ids(seqs, batch_tokens=self.max_batch_tokens, progress=False)
+            rewards = self.rm.score_ids(seqs, batch_tokens=self.max_batch_tokens, progress=False,
+                                        normalize=self.normalize)
         except BaseException as e:  # answer every waiting request, keep the worker alive
             log.exception("forward failed for %d texts", len(seqs))
             for j in jobs:
@@ -338,6 +340,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-texts", type=int, default=4096, help="most texts in one request")
     p.add_argument("--max-body-bytes", type=int, default=64 << 20, help="largest request body")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may wait for the model")
+    p.add_argument("--normalize", action="store_true",
+                   help="answer (r - mean) / std with the checkpoint's stored calibration (default: raw rewards)")
     p.add_argument("--trust-remote-code", action="store_true")
 
 
@@ -360,11 +364,15 @@ def run(args: argparse.Namespace) -> int:
         rm = RewardModel.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                          attn_implementation=args.attn_implementation, max_length=args.max_length,
                                          trust_remote_code=args.trust_remote_code, batch_tokens=args.max_batch_tokens)
+        if args.normalize:
+            rm.normalize([])  # no stored calibration: stop with its one-line error before serving
         retain_freed_memory(rm.device)  # CPU: no page-faulting every batch's activations in again (btrm.cpu)
-        batcher = Batcher(rm, args.max_batch_tokens).start()
+        batcher = Batcher(rm, args.max_batch_tokens, args.normalize).start()
         httpd.ready(rm, batcher)
         print(f"btrm serve: ready at {httpd.url} (POST /classify, POST /pooling, GET /health; "
-              f"max length {rm.max_length} tokens)", flush=True)
+              f"max length {rm.max_length} tokens"
+              + (f"; normalized rewards, mean {rm.calibration['mean']:.6g} std {rm.calibration['std']:.6g}"
+                 if args.normalize else "") + ")", flush=True)
         while not stop.wait(0.5):
             pass
         print("btrm serve: shutting down", flush=True)

@@ -3,7 +3,9 @@
 Layout of `<output_dir>/checkpoint-<step>/`:
   model.safetensors, config.json (num_labels 1, pad_token_id), tokenizer files with the chat template
   btrm_config.yaml   the resolved training config
-  btrm_meta.json     render settings scoring must reuse (chat_template_kwargs) and the training max_length (shown)
+  btrm_meta.json     render settings scoring must reuse (chat_template_kwargs) and the training max_length (shown);
+                     base model, data report, final held-out metrics and reward calibration (btrm.calibration)
+  README.md          model card generated from the files here (btrm.card)
   trainer_state.json step and data position
   rng/rank<r>.json   per-rank RNG states
   ds/                DeepSpeed model/optimizer/scheduler state
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from btrm.card import write_card
 
 DS_TAG = "state"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -115,6 +119,7 @@ def save_checkpoint(engine, hf_model, tokenizer, step: int, output_dir: str | Pa
         (tmp / "btrm_config.yaml").write_text(config_yaml)
         (tmp / "btrm_meta.json").write_text(json.dumps(meta, indent=1))
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        write_card(tmp)  # README.md from the files above (btrm.card)
     barrier()
     if rank == 0:
         _fsync_dir(tmp)

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 import btrm
-from btrm import attention
+from btrm import attention, calibration
 from btrm.builtin import resolve_builtins
 from btrm.config import Config, dump_yaml, to_dict
 from btrm.cpu import retain_freed_memory, share_cpu_threads
@@ -258,6 +258,8 @@ class Trainer:
             self.logger.summary(final_eval)
         if cfg.checkpoint.save_final and (last_saved is None or not last_saved.name.endswith(f"-{self.step}")):
             last_saved = self.save()
+        if self.is_main and final_eval and last_saved is not None:  # card + calibration (btrm.calibration)
+            calibration.record_final_eval(last_saved, final_eval)
         if self.pbar is not None:
             self.pbar.close()
         return last_saved
@@ -365,7 +367,8 @@ class Trainer:
     def save(self) -> Path:
         cfg = self.cfg
         meta = {"btrm_version": btrm.__version__, "chat_template_kwargs": cfg.data.chat_template_kwargs,
-                "max_length": cfg.data.max_length, "pad_token_id": self.tokenizer.pad_token_id, "step": self.step}
+                "max_length": cfg.data.max_length, "pad_token_id": self.tokenizer.pad_token_id, "step": self.step,
+                "base_model": cfg.model.name_or_path, "data": self.data.report}  # the last two for the card
         state = {"step": self.step, "epoch": self.step / self.sampler.steps_per_epoch,
                  "data": {"num_pairs": len(self.data.train), "global_batch_pairs": cfg.train.global_batch_pairs,
                           "seed": cfg.train.seed, "next_step": self.step}}
