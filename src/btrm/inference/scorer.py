@@ -18,7 +18,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from btrm import attention, calibration
+from btrm import attention, calibration, lora
 from btrm.data.dataset import common_prefix_len
 from btrm.data.packing import PackedBatch, best_fit_decreasing, pack_sequences
 from btrm.errors import UserError
@@ -95,13 +95,14 @@ class RewardModel:
                         dtype: str | torch.dtype = "auto", attn_implementation: str = "auto",
                         max_length: int | None = None, chat_template_kwargs: dict[str, Any] | None = None,
                         trust_remote_code: bool = False, batch_tokens: int = 16384,
-                        truncation: Literal["error", "left"] = "error") -> "RewardModel":
+                        truncation: Literal["error", "left"] = "error", base: str | None = None) -> "RewardModel":
         """Load a one-label *ForSequenceClassification checkpoint (safetensors) and its tokenizer.
 
         chat_template_kwargs defaults to the checkpoint's `btrm_meta.json` when present; max_length to
         min(max_position_embeddings, 16384) (`usable_length`), whatever length the checkpoint was trained at
         (`train_max_length`). attn_implementation "auto" packs without padding on any device: the fastest backend
-        of btrm.attention that runs on `device` in `dtype`.
+        of btrm.attention that runs on `device` in `dtype`. A LoRA adapter directory (adapter_config.json, e.g. a
+        checkpoint's `adapter/`) loads on top of `base`, by default the base its adapter config names.
         """
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -112,20 +113,26 @@ class RewardModel:
         meta = read_meta(path)
         if chat_template_kwargs is None:
             chat_template_kwargs = meta.get("chat_template_kwargs") or {}
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        # Like the model card (num_labels=1): a checkpoint with another head shape fails to load instead of
-        # silently getting a fresh head.
-        config.num_labels = 1
         dtype = resolve_dtype(dtype, device)
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=dtype, device_map={"": device},  # straight onto the device
-            attn_implementation=attention.select(attn_implementation, device, dtype),
-            trust_remote_code=trust_remote_code, use_safetensors=True, output_loading_info=True)
-        missing = list(info.get("missing_keys") or [])
-        if missing:
-            hint = " (no trained score head: is this a base model?)" if any("score" in k for k in missing) else ""
-            raise ValueError(f"{path}: weights missing from the checkpoint{hint}: {sorted(missing)[:8]}")
+        attn = attention.select(attn_implementation, device, dtype)
+        if lora.is_adapter_dir(path):  # a LoRA adapter: merged onto its base on load (btrm.lora)
+            model, tokenizer = lora.load_adapter(path, base, dtype=dtype, attn_implementation=attn,
+                                                 trust_remote_code=trust_remote_code)
+            model, config = model.to(device), model.config
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            # Like the model card (num_labels=1): a checkpoint with another head shape fails to load instead of
+            # silently getting a fresh head.
+            config.num_labels = 1
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, config=config, dtype=dtype, device_map={"": device},  # straight onto the device
+                attn_implementation=attn, trust_remote_code=trust_remote_code, use_safetensors=True,
+                output_loading_info=True)
+            missing = list(info.get("missing_keys") or [])
+            if missing:
+                hint = " (no trained score head: is this a base model?)" if any("score" in k for k in missing) else ""
+                raise ValueError(f"{path}: weights missing from the checkpoint{hint}: {sorted(missing)[:8]}")
         head = getattr(model, "score", None)
         if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
             raise ValueError(f"{type(model).__name__} has no one-output `score` Linear head")

@@ -6,6 +6,7 @@ Layout of `<output_dir>/checkpoint-<step>/`:
   btrm_meta.json     render settings scoring must reuse (chat_template_kwargs) and the training max_length (shown);
                      base model, data report, final held-out metrics and reward calibration (btrm.calibration)
   README.md          model card generated from the files here (btrm.card)
+  adapter/           LoRA runs only: the adapter (model.safetensors is then the merged model; btrm.lora)
   trainer_state.json step and data position
   rng/rank<r>.json   per-rank RNG states
   ds/                DeepSpeed model/optimizer/scheduler state
@@ -100,8 +101,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(engine, hf_model, tokenizer, step: int, output_dir: str | Path, *, rank: int, barrier,
-                    config_yaml: str, meta: dict, state: dict, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint path."""
+                    config_yaml: str, meta: dict, state: dict, keep_last: int, lora_model=None) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint path. With `lora_model` (a peft model) the
+    saved model is the merged plain one and the adapter goes to `adapter/` (btrm.lora)."""
     root = Path(output_dir)
     final = root / f"checkpoint-{step}"
     tmp = root / f".checkpoint-{step}.tmp"
@@ -114,6 +116,10 @@ def save_checkpoint(engine, hf_model, tokenizer, step: int, output_dir: str | Pa
     (tmp / "rng" / f"rank{rank}.json").write_text(json.dumps(rng_state()))
     state_dict = gathered_state_dict(engine, rank)  # collective under ZeRO-3
     if rank == 0:
+        if lora_model is not None:
+            from btrm import lora
+
+            state_dict = lora.export(lora_model, state_dict, tmp, tokenizer, meta)
         hf_model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / "btrm_config.yaml").write_text(config_yaml)
