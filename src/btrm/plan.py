@@ -19,6 +19,9 @@ accumulation for ZeRO >= 1, btrm.train.ds_config):
            offload_optimizer: GPU 2 P / N + 4 L, host 16 / N per GPU; + offload_param: GPU 4 L, host 18 / N
 These match DeepSpeed's own estimators (estimate_zero2/zero3_model_states_mem_needs) for stages 2 and 3; fp32
 training (model.dtype fp32) uses 4 params + 4 grads + 8 Adam with the same partitioning.
+LoRA (model.lora.r > 0): every param keeps its weight (2 bytes, or 0.5625 for QLoRA's 4-bit NF4 with double
+quantization), while grads and Adam states are those of the trainable params only: r * (in + out) per targeted
+Linear of every layer plus the score head (`lora_params`, the count peft reports).
 
 Activations, for one packed micro-batch of T = data.max_tokens tokens (the packed forward is one row), bf16,
 flash-attention-style kernels (no T x T score matrix is kept; attention stores q, k, v, its output and an fp32
