@@ -15,7 +15,7 @@
 2. Throughput: Qwen3-0.6B- and Qwen3-1.7B-shaped random-init models, bf16 weights, fused AdamW, 16,384-token packs
    of long-tailed (lognormal) pairs; forward + backward + optimizer step; packed with and without gradient
    checkpointing, plus a padded baseline over the same pairs (pad-to-longest micro-batches of consecutive pairs
-   under the same 16,384 padded-token budget, sdpa with attention_mask). MFU uses btrm.flops (its formula:
+   under the same 16,384 padded-token budget, sdpa with attention_mask). MFU uses btrm.flops (docs/design.md formula:
    6N + 12*L*H*Q*s_bar per token, useful tokens only, recompute not counted) and the peak from its table.
 
 Results: a markdown table printed last and `<out>/gpu_check.json` (rewritten after every config, so a run cut
@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import time
@@ -44,6 +43,7 @@ from btrm.loss import bt_loss
 from btrm import attention
 from btrm.attention import SEGMENT
 from btrm.modeling import enable_activation_checkpointing, packed_rewards
+from btrm.tiny import lognormal_lengths
 
 # Qwen3 shapes from the released configs (vocab 151936, tied embeddings; no LM head in a reward model).
 SHAPES = {
@@ -84,15 +84,11 @@ def lognormal_pairs(n: int, vocab: int, scale: float, max_len: int, seed: int) -
     """(chosen, rejected) token lists sharing a prompt: prompt ~ lognormal(median 300*scale, sigma 1.0),
     each response ~ lognormal(median 400*scale, sigma 0.9); each sequence at most `max_len` tokens."""
     rng = np.random.default_rng(seed)
-
-    def draw(median, sigma):
-        return int(max(1, rng.lognormal(math.log(median), sigma)))
-
     pairs = []
     for _ in range(n):
-        prompt = rng.integers(1, vocab, size=min(draw(300 * scale, 1.0), max_len // 2)).tolist()
-        c, r = (rng.integers(1, vocab, size=min(draw(400 * scale, 0.9), max_len - len(prompt))).tolist()
-                for _ in range(2))
+        prompt = rng.integers(1, vocab, size=min(lognormal_lengths(rng, 300 * scale, 1.0), max_len // 2)).tolist()
+        c, r = (rng.integers(1, vocab, size=min(lognormal_lengths(rng, 400 * scale, 0.9),
+                                                max_len - len(prompt))).tolist() for _ in range(2))
         pairs.append((prompt + c, prompt + r))
     return pairs
 

@@ -129,8 +129,9 @@ def _data_section(report: dict | None) -> list[str]:
         for name in sorted(r.get("read", {})):
             skipped = r.get("skipped", {}).get(name, {})
             skipped_text = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "0"
-            out.append(f"| {split} | {name} | {r['read'][name]} | {r.get('kept', {}).get(name, '?')} | {skipped_text} | "
-                       f"{r.get('overlong_dropped', {}).get(name, 0)} | {r.get('overlong_truncated', {}).get(name, 0)} |")
+            cells = [split, name, r["read"][name], r.get("kept", {}).get(name, "?"), skipped_text,
+                     r.get("overlong_dropped", {}).get(name, 0), r.get("overlong_truncated", {}).get(name, 0)]
+            out.append("| " + " | ".join(str(c) for c in cells) + " |")
     return out
 
 

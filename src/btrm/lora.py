@@ -14,6 +14,7 @@ Export (`export_state_dicts`, from the gathered full state dict on rank 0, so th
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -39,15 +40,10 @@ def check_available(cfg, device: torch.device) -> None:
         raise UserError(f"model.lora.load_in_4bit (QLoRA) needs a CUDA device: bitsandbytes 4-bit weights do not "
                         f"train on {device.type}; set model.lora.load_in_4bit=false for LoRA on the full-precision "
                         "base")
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        raise UserError("model.lora needs peft: pip install 'btrm[lora]'") from None
-    if cfg.load_in_4bit:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise UserError("model.lora.load_in_4bit needs bitsandbytes: pip install bitsandbytes") from None
+    if importlib.util.find_spec("peft") is None:
+        raise UserError("model.lora needs peft: pip install 'btrm[lora]'")
+    if cfg.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("model.lora.load_in_4bit needs bitsandbytes: pip install bitsandbytes")
 
 
 def load_kwargs(cfg, dtype: torch.dtype) -> dict:

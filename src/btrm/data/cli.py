@@ -22,7 +22,7 @@ import sys
 
 import yaml
 
-from btrm.config import DataConfig, ModelConfig, SourceConfig, load_config
+from btrm.config import DataConfig, ModelConfig, SourceConfig, field_choices, load_config
 from btrm.data import curate
 
 
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--config", help="recipe YAML: read its data.sources (and, for stats, model and data limits)")
     src.add_argument("--source", action="append", metavar="PATH",
                      help="json/jsonl/parquet/arrow file, directory or Hub dataset id (repeatable)")
-    common.add_argument("--format", default="auto", choices=["auto", "messages", "strings", "prompt_messages"],
+    common.add_argument("--format", default="auto", choices=field_choices(SourceConfig, "format"),
                         help="row layout of the --source inputs (default: detected per row)")
     common.add_argument("--swap", action="store_true", help="read the --source inputs with chosen/rejected exchanged")
     common.add_argument("--strict", action="store_true", help="stop at the first invalid row instead of counting it")

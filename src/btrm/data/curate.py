@@ -1,5 +1,5 @@
 """Curation of preference data: stats, clean, dedup, decontaminate, swap (the plain-code steps of the Skywork-V2
-pipeline, DESIGN.md).
+pipeline, docs/design.md).
 
 Every command reads the sources the way training does (`iter_pairs`: same formats, column maps, `swap`, `max_rows`;
 source `weight` is a sampling setting and is not applied here), streams the pairs through one step, and writes:

@@ -68,6 +68,34 @@ class DataReport:
             total.update(c)
         return total
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DataReport":
+        """Inverse of `as_dict` (the tokenized-data cache keeps the report as JSON)."""
+        skipped: dict[str, Counter] = defaultdict(Counter, {s: Counter(c) for s, c in d.get("skipped", {}).items()})
+        return cls(Counter(d.get("read", {})), Counter(d.get("kept", {})), skipped, dict(d.get("examples", {})),
+                   Counter(d.get("overlong_dropped", {})), Counter(d.get("overlong_truncated", {})))
+
+    def log_lines(self, split: str) -> list[str]:
+        """What the trainer prints about this split: skipped rows by source and reason (with a first example of
+        each reason), over-long pairs dropped or prompt-truncated by source."""
+        lines = []
+        skipped = {s: dict(c) for s, c in self.skipped.items() if c}
+        if skipped:
+            lines.append(f"  {split} skipped invalid rows: {json.dumps(skipped)}")
+            lines.extend(f"    e.g. {example}" for example in self.examples.values())
+        if self.overlong_dropped:
+            lines.append(f"  {split} over-long pairs dropped: {json.dumps(dict(self.overlong_dropped))}")
+        if self.overlong_truncated:
+            lines.append(f"  {split} over-long pairs prompt-truncated: {json.dumps(dict(self.overlong_truncated))}")
+        return lines
+
+    def metrics(self, split: str) -> dict[str, int]:
+        """Counts logged with every step: invalid rows skipped by reason, over-long pairs dropped / truncated."""
+        out = {f"data/{split}_skipped/{k}": v for k, v in self.skipped_by_reason().items()}
+        out[f"data/{split}_overlong_dropped"] = sum(self.overlong_dropped.values())
+        out[f"data/{split}_overlong_truncated"] = sum(self.overlong_truncated.values())
+        return out
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "read": dict(self.read), "kept": dict(self.kept),
@@ -253,6 +281,8 @@ def normalize_row(row: Any, src: SourceConfig, origin: str, name: str) -> Pair:
     for k in ("chosen", "rejected"):
         if col[k] not in row:
             raise BadRow("missing_field", col[k], "", origin)
+        if row[col[k]] is None:  # before the format is guessed from it: null is its own reason, not "missing"
+            raise BadRow("null_field", col[k], "", origin)
     get = {k: row.get(c) for k, c in col.items()}
     fmt = src.format if src.format != "auto" else detect_format(get)
     if fmt == "messages":

@@ -105,19 +105,17 @@ def _load_data(args: argparse.Namespace) -> dict[str, list[dict]]:
 def load_scorer(args: argparse.Namespace):
     """(score_fn, length_fn, cut_length_fn, max_length) of the checkpoint. Imported here: torch and transformers
     load only now."""
-    from btrm import RewardModel
-    from btrm.cpu import retain_freed_memory
+    from btrm.inference.scorer import load_in_owned_process
     from btrm.render import render_ids
 
     options = dict(device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation,
                    max_length=args.max_length, batch_tokens=args.batch_tokens)
-    model = RewardModel.from_pretrained(
+    model = load_in_owned_process(
         args.model,
         # under "truncate" the model gets over-long conversations: it cuts their prompt from the left
         truncation="left" if args.over_length == "truncate" else "error",
         **{k: v for k, v in options.items() if v is not None},
     )
-    retain_freed_memory(model.device)  # CPU: no page-faulting every batch's activations in again (btrm.cpu)
     print(model.length_note())
 
     def length_fn(conversation):  # rendered exactly as RewardModel.score renders it

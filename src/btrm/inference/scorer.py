@@ -19,7 +19,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from btrm import attention, calibration, lora
-from btrm.data.dataset import common_prefix_len
+from btrm.data.dataset import common_prefix_len, cut_prompt_left
 from btrm.data.packing import PackedBatch, best_fit_decreasing, pack_sequences
 from btrm.errors import UserError
 from btrm.modeling import check_pad_token, conversation_end_token, packed_rewards, resolve_dtype
@@ -206,27 +206,26 @@ class RewardModel:
             raise OverlongError(index, len(ids), self.max_length)
         if len(conversation) < 2:
             raise OverlongError(index, len(ids), self.max_length, "no prompt turns to cut")
-        head, cuttable = self._cuttable(ids, conversation)
-        need = len(ids) - self.max_length
-        if cuttable < need:
-            raise OverlongError(index, len(ids), self.max_length,
-                                f"the last turn alone needs {len(ids) - cuttable} tokens")
-        return ids[:head] + ids[head + need:]
+        try:
+            return cut_prompt_left([ids], self._prompt_len(ids, conversation), len(ids) - self.max_length,
+                                   self._bos_id())[0]
+        except ValueError as e:
+            raise OverlongError(index, len(ids), self.max_length, str(e)) from None
 
-    def _cuttable(self, ids: list[int], conversation: Conversation) -> tuple[int, int]:
-        """(tokens kept at the head: a leading BOS, prompt tokens that truncation='left' may cut)."""
+    def _bos_id(self) -> int | None:
+        return self.tokenizer.bos_token_id if self.tokenizer.bos_token else None
+
+    def _prompt_len(self, ids: list[int], conversation: Conversation) -> int:
+        """Leading tokens of `ids` that render the prompt turns (all but the last)."""
         prompt = list(conversation)[:-1]
-        if not prompt:
-            return 0, 0
-        shared = common_prefix_len(ids, render_ids(self.tokenizer, prompt, self.chat_template_kwargs))
-        bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token else None
-        head = 1 if bos is not None and ids and ids[0] == bos else 0
-        return head, max(shared - head, 0)
+        return common_prefix_len(ids, render_ids(self.tokenizer, prompt, self.chat_template_kwargs)) if prompt else 0
 
     def cut_length(self, conversation: Conversation) -> int:
         """Tokens left once truncation='left' has cut every prompt token: the least this conversation can take."""
         ids = render_ids(self.tokenizer, conversation, self.chat_template_kwargs)
-        return len(ids) - self._cuttable(ids, conversation)[1]
+        prompt_len = self._prompt_len(ids, conversation)
+        head = 1 if prompt_len and ids[:1] == [self._bos_id()] else 0
+        return len(ids) - max(prompt_len - head, 0)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Scoring
@@ -294,3 +293,16 @@ class RewardModel:
     def __repr__(self) -> str:
         return (f"RewardModel({type(self.model).__name__}, device={self.device}, max_length={self.max_length}, "
                 f"chat_template_kwargs={self.chat_template_kwargs})")
+
+
+def load_in_owned_process(path_or_hub_id: str | Path, **kwargs) -> RewardModel:
+    """`RewardModel.from_pretrained` for a process btrm owns (`btrm score`, `btrm serve`, `btrm eval`).
+
+    On CPU it also keeps freed memory in the process (btrm.cpu.retain_freed_memory): no page-faulting every
+    batch's activations in again. That setting is process-wide, so plain library use does not get it.
+    """
+    from btrm.cpu import retain_freed_memory
+
+    rm = RewardModel.from_pretrained(path_or_hub_id, **kwargs)
+    retain_freed_memory(rm.device)
+    return rm
