@@ -172,8 +172,9 @@ class Batcher:
     def _run(self, jobs: list[_Job]) -> None:
         seqs = [s for j in jobs for s in j.seqs]
         try:
-            rewards = self.rm.score_ids(seqs, batch_tokens=self.max_batch_tokens, progress=False,
-                                        normalize=self.normalize)
+            rewards = self.rm.score_ids(seqs, batch_tokens=self.max_batch_tokens, progress=False)
+            if self.normalize:
+                rewards = self.rm.normalize(rewards)
         except BaseException as e:  # answer every waiting request, keep the worker alive
             log.exception("forward failed for %d texts", len(seqs))
             for j in jobs:
