@@ -74,10 +74,6 @@ def apply(rm, cfg, base_name_or_path: str):
     return peft_model
 
 
-def trainable_fraction(peft_model) -> tuple[int, int]:
-    return peft_model.get_nb_trainable_parameters()
-
-
 def merged_state_dict(sd: dict[str, torch.Tensor], alpha: float, r: int) -> dict[str, torch.Tensor]:
     """Plain HF state dict of the merged model from the adapter model's full state dict (HF key names, peft layers
     inside): W + (alpha / r) B A per adapted Linear (computed in fp32), the trained score head as `score.weight`."""
