@@ -159,3 +159,29 @@ def test_plan_says_what_to_change(capsys):
     assert "5,000 tokens/s per GPU (measured" in text
     r = plan_json("--config", RECIPES / "qwen3-8b.yaml", "--gpus", 8, "--gpu-memory", 80, "--arch", "qwen3-0.6b")
     assert r["fits"] and r["params"]["total"] < 1e9
+
+
+def test_lora_memory_counts_peft_trainable_params(tiny_llama_dir):
+    """`btrm plan`'s LoRA parameter count equals what peft makes trainable on a real model; weights of every
+    param, grads and Adam states of the trainable ones only."""
+    pytest.importorskip("peft")
+    from transformers import AutoConfig, AutoTokenizer
+
+    from btrm import lora
+    from btrm.config import LoraConfig
+    from btrm.modeling import ensure_pad_token, load_reward_model
+    from btrm.plan import arch_from_hf_config, lora_params
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ensure_pad_token(tok)
+    cfg = LoraConfig(r=4)
+    peft_model = lora.apply(load_reward_model(str(tiny_llama_dir), tok), cfg, str(tiny_llama_dir))
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    a = arch_from_hf_config(AutoConfig.from_pretrained(tiny_llama_dir))
+    assert lora_params(a, cfg.r, cfg.target_modules) == trainable
+    p, t = 8_000_000_000, 20_000_000
+    full = model_state_bytes(p, 10**9, 0, 1)
+    lo = model_state_bytes(p, 10**9, 0, 1, trainable=t)
+    assert lo["gpu_params"] == full["gpu_params"] == 2 * p and lo["gpu_total"] == pytest.approx(2 * p + 18 * t)
+    q = model_state_bytes(p, 10**9, 2, 8, trainable=t, weight_bytes=0.5625)
+    assert q["gpu_params"] == pytest.approx(0.5625 * p) and q["gpu_optimizer"] == pytest.approx(12 * t / 8)

@@ -28,6 +28,23 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on the decoder's linear layers (btrm.lora; needs `pip install btrm[lora]`). The score head is
+    always trained in full. Checkpoints hold the merged plain model plus the adapter in `adapter/`."""
+    r: int = 0
+    """Adapter rank; 0 = no LoRA (full fine-tuning)."""
+    alpha: float = 16.0
+    """Scaling numerator: updates are scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                "up_proj", "down_proj"])
+    """Names of the decoder's Linear modules that get adapters."""
+    load_in_4bit: bool = False
+    """QLoRA: load the frozen base in 4-bit NF4 (bitsandbytes; CUDA only, ZeRO 0-2)."""
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str = ""
     """Base model: a Hub id or a local directory (Llama-3.x / Qwen3 or any decoder with *ForSequenceClassification)."""
@@ -45,6 +62,8 @@ class ModelConfig:
     """Run model code from the checkpoint repo. Off unless you trust it."""
     head_init_std: float | None = None
     """Std of the new score head; None = the base config's initializer_range."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA / QLoRA adapters (off unless lora.r > 0)."""
 
 
 @dataclass
@@ -217,6 +236,11 @@ class Config:
             ("train.epochs", self.train.epochs > 0 or self.train.max_steps, "must be > 0 unless max_steps is set"),
             ("checkpoint.keep_last", self.checkpoint.keep_last >= 1, "must be >= 1"),
             ("train.loss.kind", self.train.loss.kind in OBJECTIVES, f"must be one of {sorted(OBJECTIVES)}"),
+            ("model.lora.r", self.model.lora.r >= 0, "must be >= 0"),
+            ("model.lora.load_in_4bit", not self.model.lora.load_in_4bit or self.model.lora.r > 0,
+             "needs model.lora.r > 0"),
+            ("model.lora.load_in_4bit", not self.model.lora.load_in_4bit or self.deepspeed.zero_stage < 3,
+             "is not supported with deepspeed.zero_stage=3 (4-bit weights cannot be partitioned)"),
         ]
         for i, s in enumerate(self.data.sources + self.data.eval_sources):
             checks.append((f"data.sources[{i}].path", bool(s.path), "must be set"))

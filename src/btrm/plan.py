@@ -19,6 +19,9 @@ accumulation for ZeRO >= 1, btrm.train.ds_config):
            offload_optimizer: GPU 2 P / N + 4 L, host 16 / N per GPU; + offload_param: GPU 4 L, host 18 / N
 These match DeepSpeed's own estimators (estimate_zero2/zero3_model_states_mem_needs) for stages 2 and 3; fp32
 training (model.dtype fp32) uses 4 params + 4 grads + 8 Adam with the same partitioning.
+LoRA (model.lora.r > 0): every param keeps its weight (2 bytes, or 0.5625 for QLoRA's 4-bit NF4 with double
+quantization), while grads and Adam states are those of the trainable params only: r * (in + out) per targeted
+Linear of every layer plus the score head (`lora_params`, the count peft reports).
 
 Activations, for one packed micro-batch of T = data.max_tokens tokens (the packed forward is one row), bf16,
 flash-attention-style kernels (no T x T score matrix is kept; attention stores q, k, v, its output and an fp32
@@ -131,14 +134,23 @@ def param_counts(a: Arch) -> dict[str, int]:
 
 def model_state_bytes(params: int, largest_layer: int, stage: int, gpus_per_node: int, nodes: int = 1,
                       offload_optimizer: bool = False, offload_param: bool = False,
-                      dtype: str = "bf16") -> dict[str, float]:
-    """Per-GPU model states (params, grads, optimizer) and host memory per node, in bytes (see module docstring)."""
+                      dtype: str = "bf16", trainable: int | None = None,
+                      weight_bytes: float | None = None) -> dict[str, float]:
+    """Per-GPU model states (params, grads, optimizer) and host memory per node, in bytes (see module docstring).
+
+    LoRA: `trainable` params (adapters + score head) carry grads and optimizer state, all `params` (frozen base
+    included) their weights at `weight_bytes` each (0.5625 for QLoRA's 4-bit NF4 with double quantization)."""
     n = gpus_per_node * nodes
-    p = float(params)
     if dtype == "fp32":
         w, g32, g16, opt = 4, 4, 0, 8  # no master copy, no bf16 grads
     else:
         w, g32, g16, opt = 2, 4, 2, 12
+    if trainable is not None:  # weights of all params; gradients and optimizer states of the trainable ones only
+        scale = float(trainable) / params
+        w = (weight_bytes or w) * params / trainable
+        params = trainable
+        largest_layer = largest_layer * scale
+    p = float(params)
     gpu: dict[str, float]
     host = 0.0  # per GPU
     if stage == 0:
@@ -217,7 +229,7 @@ class Setting:
 
 def memory(a: Arch, counts: dict, s: Setting, gpus: int, nodes: int, dtype: str) -> dict[str, float]:
     states = model_state_bytes(counts["total"], counts["largest_layer"], s.stage, gpus, nodes, s.offload_optimizer,
-                               s.offload_param, dtype)
+                               s.offload_param, dtype, counts.get("trainable"), counts.get("weight_bytes"))
     act = activation_bytes(a, s.max_tokens, s.checkpointing)
     buffers = comm_buffer_bytes(s.stage, s.offload_optimizer)
     total = states["gpu_total"] + act["total"] + buffers + OVERHEAD_GIB * GiB
@@ -265,9 +277,22 @@ def alternatives(a: Arch, counts: dict, cur: Setting, gpus: int, nodes: int, dty
     return out
 
 
+def lora_params(a: Arch, r: int, target_modules: list[str]) -> int:
+    """Adapter params r * (in + out) per targeted Linear of every layer, plus the fully trained score head."""
+    q, kv, h, i = a.heads * a.head_dim, a.kv_heads * a.head_dim, a.hidden, a.intermediate
+    dims = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
+            "up_proj": (h, i), "down_proj": (i, h)}
+    return a.layers * sum(r * sum(dims[m]) for m in target_modules if m in dims) + h
+
+
 def plan(cfg: Config, a: Arch, gpus: int, nodes: int, gpu_memory_gib: float, tokens_per_sec: float | None = None,
          dataset_pairs: int | None = None, mean_pair_tokens: float | None = None) -> dict[str, Any]:
     counts = param_counts(a)
+    lo = cfg.model.lora
+    if lo.r > 0:  # LoRA: grads and optimizer states of the adapters and head only; QLoRA stores the base in 4 bits
+        counts["trainable"] = lora_params(a, lo.r, lo.target_modules)
+        if lo.load_in_4bit:
+            counts["weight_bytes"] = 0.5625
     dtype = "fp32" if cfg.model.dtype == "fp32" else "bf16"
     ds = cfg.deepspeed
     cur = Setting(ds.zero_stage, ds.offload_optimizer, ds.offload_param, cfg.model.gradient_checkpointing,
@@ -338,7 +363,9 @@ def time_estimate(cfg: Config, a: Arch, counts: dict, world: int, tokens_per_sec
 def format_plan(r: dict, source: str) -> str:
     m, p = r["memory_gib"], r["params"]
     lines = [f"model: {source}; reward model {p['total'] / 1e9:.2f}B params "
-             f"({p['non_embedding'] / 1e9:.2f}B non-embedding), {r['dtype']}",
+             f"({p['non_embedding'] / 1e9:.2f}B non-embedding), {r['dtype']}"
+             + (f"; LoRA: {p['trainable'] / 1e6:.1f}M trainable ({100 * p['trainable'] / p['total']:.2f}%)"
+                + (", base in 4-bit" if "weight_bytes" in p else "") if "trainable" in p else ""),
              f"cluster: {r['nodes']} node(s) x {r['gpus_per_node']} GPU(s), {r['gpu_memory_gib']:g} GiB each",
              f"recipe: {r['label']}", "",
              "per-GPU memory (GiB)",

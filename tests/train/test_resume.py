@@ -19,22 +19,25 @@ from trainhelp import REPO, env, launcher_cmd, metrics, train, write_config
 STEPS = 12
 
 
-def _config(tmp_path, model_dir, name, checkpoint_every=4):
+def _config(tmp_path, model_dir, name, checkpoint_every=4, **model):
     d = tmp_path / name
     d.mkdir()
     data_file = write_preference_jsonl(tmp_path / "pairs.jsonl", 200, seed=1)
-    return write_config(d, model_dir, data_file,
+    return write_config(d, model_dir, data_file, model=model,
                         optim={"lr": 2e-3, "scheduler": "cosine", "warmup_steps": 2, "weight_decay": 0.01},
                         train={"max_steps": STEPS, "global_batch_pairs": 16},
                         checkpoint={"every": checkpoint_every, "keep_last": 5}, deepspeed={"zero_stage": 2}), d / "out"
 
 
 @pytest.mark.slow
-def test_kill9_then_resume_is_exact(tmp_path, tiny_llama_dir):
-    straight_cfg, straight_out = _config(tmp_path, tiny_llama_dir, "straight")
+@pytest.mark.parametrize("model", [{}, {"lora": {"r": 4, "alpha": 8}}], ids=["full", "lora"])
+def test_kill9_then_resume_is_exact(tmp_path, tiny_llama_dir, model):
+    if model.get("lora"):
+        pytest.importorskip("peft")
+    straight_cfg, straight_out = _config(tmp_path, tiny_llama_dir, "straight", **model)
     train(straight_cfg, 2)
 
-    killed_cfg, killed_out = _config(tmp_path, tiny_llama_dir, "killed")
+    killed_cfg, killed_out = _config(tmp_path, tiny_llama_dir, "killed", **model)
     proc = subprocess.Popen(launcher_cmd(killed_cfg, 2), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
@@ -57,6 +60,10 @@ def test_kill9_then_resume_is_exact(tmp_path, tiny_llama_dir):
     wb = load_file(killed_out / f"checkpoint-{STEPS}" / "model.safetensors")
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+    if model.get("lora"):  # the adapter too
+        wa, wb = (load_file(o / f"checkpoint-{STEPS}" / "adapter" / "adapter_model.safetensors")
+                  for o in (straight_out, killed_out))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 KILL_DURING_SECOND_SAVE = """

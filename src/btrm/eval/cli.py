@@ -71,6 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "conversations: --over-length skip, or error; the prompt is cut only locally)")
     p.add_argument("--backend", default="auto", choices=["auto", "sglang", "vllm"],
                    help="with --server: /classify (sglang, btrm serve) or /pooling (vllm); auto asks the first server")
+    p.add_argument("--update-card", metavar="CKPT", help="write the benchmark table into the model card (README.md) "
+                   "of checkpoint directory CKPT (kept in CKPT/btrm_eval.json)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,6 +142,12 @@ def _evaluate(args: argparse.Namespace, records: dict[str, list[dict]], score_fn
                   over_length=args.over_length)
     all_results = {name: evaluate(score_fn, name, rows, out_dir, **kwargs) for name, rows in records.items()}
     _print(all_results, model_name)
+    if args.update_card:
+        from btrm.card import store_eval
+
+        table = markdown_table(model_name, {name: r["overall"] for name, r in all_results.items()})
+        card = store_eval(args.update_card, table, {n: r["overall"] for n, r in all_results.items()}, max_length)
+        print(f"btrm eval: benchmark table written into {card}", file=sys.stderr)
     print(f"(results in {out_dir}: NAME.results.json, per-row scores NAME.rows.jsonl, table.md)", file=sys.stderr)
     return 0
 

@@ -7,6 +7,10 @@ One output line per input row (blank lines are not rows), in order; `row` is the
 when the input has one. With --skip-bad a bad row gets {"row", "error"} instead, so counts stay aligned. An existing
 output is resumed: its rows are skipped in the input (by count) and the file is appended to.
 
+--normalize writes (r - mean) / std with the checkpoint's stored calibration. --calibrate stores that calibration
+(btrm.calibration): the mean and std of every reward of --output once scored, or, without --input, of the held-out
+pairs of the run that wrote the checkpoint (its btrm_config.yaml).
+
 Rows are packed and scored in chunks of --chunk-rows that start at fixed row numbers (0, chunk, 2 * chunk, ...). A
 resume re-scores the chunk it lands in and writes only the missing rows, so every row is packed with the same
 neighbours as in an uninterrupted run and the output is identical bit for bit (same --chunk-rows and
@@ -31,6 +35,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from btrm import attention
+from btrm.calibration import heldout_pairs, stats, store
 from btrm.config import SourceConfig
 from btrm.data.sources import BadRow, iter_raw_rows, normalize_row, validate_messages
 from btrm.inference import score_parallel
@@ -46,8 +51,13 @@ class Stop(Exception):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint dir or Hub id (one-label *ForSequenceClassification)")
-    p.add_argument("--input", required=True, help="jsonl (or json / parquet / arrow) of conversations or pairs")
-    p.add_argument("--output", required=True, help="jsonl of rewards; resumed if it exists (see --overwrite)")
+    p.add_argument("--input", help="jsonl (or json / parquet / arrow) of conversations or pairs")
+    p.add_argument("--output", help="jsonl of rewards; resumed if it exists (see --overwrite)")
+    p.add_argument("--normalize", action="store_true",
+                   help="write (r - mean) / std with the checkpoint's stored calibration (default: raw rewards)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="store the reward mean/std in the checkpoint (btrm_meta.json, config.json, README.md): of "
+                        "every reward in --output, or without --input of the run's held-out pairs")
     p.add_argument("--overwrite", action="store_true", help="start the output afresh instead of resuming")
     p.add_argument("--batch-tokens", type=int, default=16384, help="tokens per packed forward")
     p.add_argument("--chunk-rows", type=int, default=4096, help="rows read, scored and written at a time")
@@ -168,7 +178,8 @@ class ChunkScorer:
                     raise Stop(f"{msg} (or pass --skip-bad)")
                 errors[k] = msg
         keep = [i for i, k in enumerate(owner) if k not in errors]
-        rewards = self.rm.score_ids([encoded[i] for i in keep], self.args.batch_tokens, progress=False)
+        rewards = self.rm.score_ids([encoded[i] for i in keep], self.args.batch_tokens, progress=False,
+                                    normalize=self.args.normalize)
         by_row: dict[int, list[float]] = defaultdict(list)  # row -> [reward] or [chosen, rejected]
         for i, r in zip(keep, rewards):
             by_row[owner[i]].append(r)
@@ -200,6 +211,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         rank, world, local_rank = score_parallel.launcher_rank()
         if world > 1:
+            if args.calibrate or args.input is None or args.output is None:
+                raise Stop("under a launcher every rank scores a shard of --input into --output; run --calibrate "
+                           "in one process")
             return score_parallel.score_ranks(args, rank, world, local_rank)
         return score_file(args)
     except Stop as e:
@@ -207,7 +221,49 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
-def score_file(args: argparse.Namespace, shard: Shard = Shard(), out_path: Path | None = None) -> int:
+def score_file(args: argparse.Namespace) -> int:
+    if args.calibrate:
+        if args.normalize:
+            raise Stop("--calibrate stores raw-reward stats: drop --normalize")
+        if not Path(args.model, "config.json").is_file():
+            raise Stop(f"--calibrate writes into the checkpoint: {args.model} is not a local checkpoint directory")
+        if args.input is None and args.output is None:
+            return calibrate_heldout(args)
+    if args.input is None or args.output is None:
+        raise Stop("--input and --output are required (only --calibrate runs without them)")
+    rc = score_rows(args)
+    if args.calibrate:
+        rewards = [x for rec in _records(Path(args.output)) for x in (
+            [rec["reward"]] if "reward" in rec else [rec["chosen"], rec["rejected"]] if "chosen" in rec else [])]
+        _store(args.model, stats(rewards, f"btrm score --input {args.input}"))
+    return rc
+
+
+def calibrate_heldout(args: argparse.Namespace) -> int:
+    """Mean/std of the rewards of the checkpoint's held-out pairs (both sides), stored in the checkpoint."""
+    pairs = heldout_pairs(args.model)
+    rm = score_parallel.load_model(args)
+    scores = rm.score_pairs([p.chosen for p in pairs], [p.rejected for p in pairs], args.batch_tokens)
+    print(f"btrm score: held-out pair accuracy {sum(s.preferred == 'chosen' for s in scores) / len(scores):.4f} "
+          f"({len(scores)} pairs)")
+    _store(args.model, stats([x for s in scores for x in (s.chosen, s.rejected)], "held-out pairs"))
+    return 0
+
+
+def _store(model: str, cal: dict) -> None:
+    store(model, cal)
+    print(f"btrm score: calibration of {model}: mean {cal['mean']:.6g}, std {cal['std']:.6g} over {cal['n']} "
+          f"rewards ({cal['source']}); stored in btrm_meta.json, config.json and README.md")
+
+
+def _records(path: Path):
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def score_rows(args: argparse.Namespace, shard: Shard = Shard(), out_path: Path | None = None) -> int:
+    """Score this process's rows (its shard under a launcher) of --input into `out_path` (--output), resuming."""
     out_path = Path(out_path or args.output)
     if args.overwrite and out_path.exists():
         out_path.unlink()
@@ -216,6 +272,8 @@ def score_file(args: argparse.Namespace, shard: Shard = Shard(), out_path: Path 
     if done:
         print(f"btrm score: resuming {out_path}: {done} rows already scored", file=sys.stderr)
     rm = score_parallel.load_model(args)
+    if args.normalize and not rm.calibration:
+        rm.normalize([])  # no calibration: stop before any row is scored
     print(f"btrm score: {rm.length_note()}", file=sys.stderr)
     name = Path(args.input).stem
     t0, new_rows = time.perf_counter(), 0

@@ -247,6 +247,7 @@ def remote_reward_model(urls: Sequence[str], checkpoint, backend: str = "auto", 
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
+    from btrm import calibration
     from btrm.inference.scorer import OverlongError, RewardModel, read_meta, usable_length
     from btrm.render import tokenize_texts
 
@@ -261,6 +262,7 @@ def remote_reward_model(urls: Sequence[str], checkpoint, backend: str = "auto", 
             self.max_length = int(max_length or usable_length(config))
             self.length_rule = "as given" if max_length else "min(max_position_embeddings, 16384)"
             self.train_max_length = meta.get("max_length")
+            self.calibration, self.name = calibration.load(meta, config), str(checkpoint)  # for normalize=True
             self.truncation, self.batch_tokens = "error", 0
             self.device = torch.device("cpu")  # the client only renders and tokenizes
             chosen = backend if backend != "auto" else detect_backend(list(urls)[0])

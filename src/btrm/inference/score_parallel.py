@@ -93,7 +93,7 @@ def score_ranks(args: argparse.Namespace, rank: int, world: int, local_rank: int
     import torch
     import torch.distributed as dist
 
-    from btrm.inference.cli_score import Stop, Tally, read_done, score_file
+    from btrm.inference.cli_score import Stop, Tally, read_done, score_rows
 
     if args.server:
         raise Stop("--server runs in one process (it keeps every server busy itself): drop the launcher")
@@ -117,7 +117,7 @@ def score_ranks(args: argparse.Namespace, rank: int, world: int, local_rank: int
                        "re-run with those, or delete the folder to rescore")
         if not finished.exists():
             cut_torn_chunk(part, args.chunk_rows)
-        rc = score_file(args, shard, part)
+        rc = score_rows(args, shard, part)
         if rc:
             return rc
         finished.touch()

@@ -18,7 +18,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from btrm import attention
+from btrm import attention, calibration, lora
 from btrm.data.dataset import common_prefix_len, cut_prompt_left
 from btrm.data.packing import PackedBatch, best_fit_decreasing, pack_sequences
 from btrm.errors import UserError
@@ -87,19 +87,22 @@ class RewardModel:
         self.device = next(model.parameters()).device
         self.train_max_length: int | None = None  # the training run's max_length (btrm_meta.json), for display
         self.length_rule = "as given"  # where max_length came from, for display
+        self.calibration: dict | None = None  # {"mean", "std", ...} for normalize=True (btrm.calibration)
+        self.name = "this model"
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | Path, device: str | torch.device | None = None,
                         dtype: str | torch.dtype = "auto", attn_implementation: str = "auto",
                         max_length: int | None = None, chat_template_kwargs: dict[str, Any] | None = None,
                         trust_remote_code: bool = False, batch_tokens: int = 16384,
-                        truncation: Literal["error", "left"] = "error") -> "RewardModel":
+                        truncation: Literal["error", "left"] = "error", base: str | None = None) -> "RewardModel":
         """Load a one-label *ForSequenceClassification checkpoint (safetensors) and its tokenizer.
 
         chat_template_kwargs defaults to the checkpoint's `btrm_meta.json` when present; max_length to
         min(max_position_embeddings, 16384) (`usable_length`), whatever length the checkpoint was trained at
         (`train_max_length`). attn_implementation "auto" packs without padding on any device: the fastest backend
-        of btrm.attention that runs on `device` in `dtype`.
+        of btrm.attention that runs on `device` in `dtype`. A LoRA adapter directory (adapter_config.json, e.g. a
+        checkpoint's `adapter/`) loads on top of `base`, by default the base its adapter config names.
         """
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -110,26 +113,34 @@ class RewardModel:
         meta = read_meta(path)
         if chat_template_kwargs is None:
             chat_template_kwargs = meta.get("chat_template_kwargs") or {}
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        # Like the model card (num_labels=1): a checkpoint with another head shape fails to load instead of
-        # silently getting a fresh head.
-        config.num_labels = 1
         dtype = resolve_dtype(dtype, device)
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=dtype, device_map={"": device},  # straight onto the device
-            attn_implementation=attention.select(attn_implementation, device, dtype),
-            trust_remote_code=trust_remote_code, use_safetensors=True, output_loading_info=True)
-        missing = list(info.get("missing_keys") or [])
-        if missing:
-            hint = " (no trained score head: is this a base model?)" if any("score" in k for k in missing) else ""
-            raise ValueError(f"{path}: weights missing from the checkpoint{hint}: {sorted(missing)[:8]}")
+        attn = attention.select(attn_implementation, device, dtype)
+        if lora.is_adapter_dir(path):  # a LoRA adapter: merged onto its base on load (btrm.lora)
+            model, tokenizer = lora.load_adapter(path, base, dtype=dtype, attn_implementation=attn,
+                                                 trust_remote_code=trust_remote_code)
+            model, config = model.to(device), model.config
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            # Like the model card (num_labels=1): a checkpoint with another head shape fails to load instead of
+            # silently getting a fresh head.
+            config.num_labels = 1
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, config=config, dtype=dtype, device_map={"": device},  # straight onto the device
+                attn_implementation=attn, trust_remote_code=trust_remote_code, use_safetensors=True,
+                output_loading_info=True)
+            missing = list(info.get("missing_keys") or [])
+            if missing:
+                hint = " (no trained score head: is this a base model?)" if any("score" in k for k in missing) else ""
+                raise ValueError(f"{path}: weights missing from the checkpoint{hint}: {sorted(missing)[:8]}")
         head = getattr(model, "score", None)
         if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
             raise ValueError(f"{type(model).__name__} has no one-output `score` Linear head")
         rm = cls(model, tokenizer, max_length=max_length or usable_length(config),
                  chat_template_kwargs=chat_template_kwargs, batch_tokens=batch_tokens, truncation=truncation)
         rm.train_max_length = meta.get("max_length")
+        rm.calibration = calibration.load(meta, config)
+        rm.name = path
         rm.length_rule = "as given" if max_length else (
             f"min(max_position_embeddings {getattr(config, 'max_position_embeddings', None)}, {DEFAULT_MAX_LENGTH})")
         rm._check_checkpoint(config)
@@ -220,31 +231,40 @@ class RewardModel:
     # Scoring
 
     def score(self, conversations: Sequence[Conversation], batch_tokens: int | None = None,
-              progress: bool | None = None) -> list[float]:
-        """One reward per conversation (a list of {role, content} messages), in input order."""
-        return self.score_ids(self.encode(conversations), batch_tokens, progress)
+              progress: bool | None = None, normalize: bool = False) -> list[float]:
+        """One reward per conversation (a list of {role, content} messages), in input order.
+
+        normalize=True returns (r - mean) / std with the checkpoint's stored calibration (btrm.calibration)."""
+        return self.score_ids(self.encode(conversations), batch_tokens, progress, normalize)
 
     def score_texts(self, texts: Sequence[str], batch_tokens: int | None = None,
-                    progress: bool | None = None) -> list[float]:
+                    progress: bool | None = None, normalize: bool = False) -> list[float]:
         """Rewards of already-templated strings with the BOS stripped (what SGLang's /classify receives)."""
-        return self.score_ids(self.encode_texts(texts), batch_tokens, progress)
+        return self.score_ids(self.encode_texts(texts), batch_tokens, progress, normalize)
 
     def score_pairs(self, chosen: Sequence[Conversation], rejected: Sequence[Conversation],
-                    batch_tokens: int | None = None, progress: bool | None = None) -> list[PairScore]:
+                    batch_tokens: int | None = None, progress: bool | None = None,
+                    normalize: bool = False) -> list[PairScore]:
         """Rewards of preference pairs and which side the model prefers."""
         if len(chosen) != len(rejected):
             raise ValueError(f"{len(chosen)} chosen vs {len(rejected)} rejected conversations")
-        rewards = self.score(list(chosen) + list(rejected), batch_tokens, progress)
+        rewards = self.score(list(chosen) + list(rejected), batch_tokens, progress, normalize)
         return pair_scores(rewards[:len(chosen)], rewards[len(chosen):])
+
+    def normalize(self, rewards: list[float]) -> list[float]:
+        """(r - mean) / std with the stored calibration; a UserError when the checkpoint has none."""
+        return calibration.normalize(rewards, self.calibration, self.name)
 
     @torch.inference_mode()
     def score_ids(self, seqs: Sequence[Sequence[int]], batch_tokens: int | None = None,
-                  progress: bool | None = None) -> list[float]:
+                  progress: bool | None = None, normalize: bool = False) -> list[float]:
         """Rewards of token id lists (read at each list's last id), in input order.
 
         Packed by best-fit decreasing into rows of at most `batch_tokens` tokens (a longer sequence gets a row of
         its own), one decoder pass per row.
         """
+        if normalize and not self.calibration:
+            self.normalize([])  # fail before the forward passes
         if not seqs:
             return []
         sizes = [len(s) for s in seqs]
@@ -268,7 +288,7 @@ class RewardModel:
                 bar.update(len(b))
         if show:
             bar.close()
-        return out
+        return self.normalize(out) if normalize else out
 
     def __repr__(self) -> str:
         return (f"RewardModel({type(self.model).__name__}, device={self.device}, max_length={self.max_length}, "

@@ -89,9 +89,10 @@ class Batcher:
 
     `submit` blocks the calling thread; `score` awaits the answer in an asyncio event loop."""
 
-    def __init__(self, rm, max_batch_tokens: int):
+    def __init__(self, rm, max_batch_tokens: int, normalize: bool = False):
         self.rm = rm
         self.max_batch_tokens = max_batch_tokens
+        self.normalize = normalize  # answer (r - mean) / std with the checkpoint's stored calibration
         self.q: queue.Queue[_Job | None] = queue.Queue()
         self.thread = threading.Thread(target=self._loop, name="btrm-model-worker", daemon=True)
         self.closed = False
@@ -172,6 +173,8 @@ class Batcher:
         seqs = [s for j in jobs for s in j.seqs]
         try:
             rewards = self.rm.score_ids(seqs, batch_tokens=self.max_batch_tokens, progress=False)
+            if self.normalize:
+                rewards = self.rm.normalize(rewards)
         except BaseException as e:  # answer every waiting request, keep the worker alive
             log.exception("forward failed for %d texts", len(seqs))
             for j in jobs:
@@ -486,6 +489,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-texts", type=int, default=4096, help="most texts in one request")
     p.add_argument("--max-body-bytes", type=int, default=64 << 20, help="largest request body")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may wait for the model")
+    p.add_argument("--normalize", action="store_true",
+                   help="answer (r - mean) / std with the checkpoint's stored calibration (default: raw rewards)")
     p.add_argument("--read-timeout", type=float, default=30.0,
                    help="seconds for a request's headers to arrive, and again for its body (else 408 and close)")
     p.add_argument("--keep-alive-timeout", type=float, default=5.0, help="seconds an idle connection stays open")
@@ -541,9 +546,12 @@ def _load(args: argparse.Namespace, service: Service, url: str, server, failed: 
         rm = load_in_owned_process(args.model, device=args.device, dtype=args.dtype,
                                    attn_implementation=args.attn_implementation, max_length=args.max_length,
                                    trust_remote_code=args.trust_remote_code, batch_tokens=args.max_batch_tokens)
-        service.ready(rm, Batcher(rm, args.max_batch_tokens).start())
-        print(f"btrm serve: ready at {url} (POST /classify, POST /pooling, GET /health; "
-              f"{rm.length_note()})", flush=True)
+        if args.normalize:
+            rm.normalize([])  # no stored calibration: stop with its one-line error before serving
+        service.ready(rm, Batcher(rm, args.max_batch_tokens, args.normalize).start())
+        print(f"btrm serve: ready at {url} (POST /classify, POST /pooling, GET /health; {rm.length_note()}"
+              + (f"; normalized rewards, mean {rm.calibration['mean']:.6g} std {rm.calibration['std']:.6g}"
+                 if args.normalize else "") + ")", flush=True)
     except BaseException as e:
         failed.append(e)
         server.should_exit = True

@@ -3,7 +3,10 @@
 Layout of `<output_dir>/checkpoint-<step>/`:
   model.safetensors, config.json (num_labels 1, pad_token_id), tokenizer files with the chat template
   btrm_config.yaml   the resolved training config
-  btrm_meta.json     render settings scoring must reuse (chat_template_kwargs) and the training max_length (shown)
+  btrm_meta.json     render settings scoring must reuse (chat_template_kwargs) and the training max_length (shown);
+                     base model, data report, final held-out metrics and reward calibration (btrm.calibration)
+  README.md          model card generated from the files here (btrm.card)
+  adapter/           LoRA runs only: the adapter (model.safetensors is then the merged model; btrm.lora)
   trainer_state.json step and data position
   rng/rank<r>.json   per-rank RNG states
   ds/                DeepSpeed model/optimizer/scheduler state
@@ -23,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from btrm.card import write_card
 
 DS_TAG = "state"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -96,8 +101,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(engine, hf_model, tokenizer, step: int, output_dir: str | Path, *, rank: int, barrier,
-                    config_yaml: str, meta: dict, state: dict, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint path."""
+                    config_yaml: str, meta: dict, state: dict, keep_last: int, lora_model=None) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint path. With `lora_model` (a peft model) the
+    saved model is the merged plain one and the adapter goes to `adapter/` (btrm.lora)."""
     root = Path(output_dir)
     final = root / f"checkpoint-{step}"
     tmp = root / f".checkpoint-{step}.tmp"
@@ -110,11 +116,16 @@ def save_checkpoint(engine, hf_model, tokenizer, step: int, output_dir: str | Pa
     (tmp / "rng" / f"rank{rank}.json").write_text(json.dumps(rng_state()))
     state_dict = gathered_state_dict(engine, rank)  # collective under ZeRO-3
     if rank == 0:
+        if lora_model is not None:
+            from btrm import lora
+
+            state_dict = lora.export(lora_model, state_dict, tmp, tokenizer, meta)
         hf_model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / "btrm_config.yaml").write_text(config_yaml)
         (tmp / "btrm_meta.json").write_text(json.dumps(meta, indent=1))
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        write_card(tmp)  # README.md from the files above (btrm.card)
     barrier()
     if rank == 0:
         _fsync_dir(tmp)

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from btrm.config import ConfigError, load_config
+from btrm.errors import UserError
 
 
 def parse_args(argv: list[str]):
@@ -37,5 +38,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"--output scores.jsonl\nor in Python:  btrm.RewardModel.from_pretrained('{path}')"
                   ".score([[{'role': 'user', ...}, {'role': 'assistant', ...}]])", flush=True)
 
-    run(cfg, on_done=done)
+    try:
+        run(cfg, on_done=done)
+    except UserError as e:  # e.g. QLoRA asked for on a machine without CUDA: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 import btrm
-from btrm import attention
+from btrm import attention, calibration, lora
 from btrm.builtin import resolve_builtins
 from btrm.config import Config, dump_yaml, to_dict
 from btrm.data.dataset import PreparedData, StepSampler, TokenizedPairs, prepare_data, rank_micro_batches
@@ -95,9 +95,14 @@ class Trainer:
 
             self._hf_ds = HfDeepSpeedConfig(self.ds_config)  # must be alive during from_pretrained: partitioned load
         attn = attention.select(cfg.model.attn_implementation, d.device, self.dtype)
+        use_lora = lora.enabled(cfg.model.lora)
+        if use_lora:
+            lora.check_available(cfg.model.lora, d.device)
         rm = load_reward_model(cfg.model.name_or_path, self.tokenizer, dtype=self.dtype, attn_implementation=attn,
                                trust_remote_code=cfg.model.trust_remote_code, head_init_std=cfg.model.head_init_std,
-                               seed=cfg.train.seed)
+                               seed=cfg.train.seed,
+                               **(lora.load_kwargs(cfg.model.lora, self.dtype) if use_lora else {}))
+        self.peft = lora.apply(rm, cfg.model.lora, cfg.model.name_or_path) if use_lora else None  # btrm.lora
         if cfg.model.gradient_checkpointing:
             enable_activation_checkpointing(rm)
         rm.config.use_cache = False
@@ -162,6 +167,8 @@ class Trainer:
             self.logger.summary(final_eval)
         if cfg.checkpoint.save_final and (last_saved is None or not last_saved.name.endswith(f"-{self.step}")):
             last_saved = self.save()
+        if self.is_main and final_eval and last_saved is not None:  # card + calibration (btrm.calibration)
+            calibration.record_final_eval(last_saved, final_eval)
         if self.pbar is not None:
             self.pbar.close()
         return last_saved
@@ -267,13 +274,16 @@ class Trainer:
     def save(self) -> Path:
         cfg = self.cfg
         meta = {"btrm_version": btrm.__version__, "chat_template_kwargs": cfg.data.chat_template_kwargs,
-                "max_length": cfg.data.max_length, "pad_token_id": self.tokenizer.pad_token_id, "step": self.step}
+                "max_length": cfg.data.max_length, "pad_token_id": self.tokenizer.pad_token_id, "step": self.step,
+                "base_model": cfg.model.name_or_path, "data": self.data.report}  # the last two for the card
+        if self.peft is not None:
+            meta["lora"] = lora.meta(cfg.model.lora, self.peft)
         state = {"step": self.step, "epoch": self.step / self.sampler.steps_per_epoch,
                  "data": {"num_pairs": len(self.data.train), "global_batch_pairs": cfg.train.global_batch_pairs,
                           "seed": cfg.train.seed, "next_step": self.step}}
         path = ckpt.save_checkpoint(self.engine, self.rm, self.tokenizer, self.step, self.out, rank=self.dist.rank,
                                     barrier=self.dist.barrier, config_yaml=dump_yaml(cfg), meta=meta, state=state,
-                                    keep_last=cfg.checkpoint.keep_last)
+                                    keep_last=cfg.checkpoint.keep_last, lora_model=self.peft)
         if self.is_main and self.pbar is None:
             log.info("saved %s", path)
         return path
