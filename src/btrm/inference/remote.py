@@ -281,8 +281,11 @@ def remote_reward_model(urls: Sequence[str], checkpoint, backend: str = "auto", 
                     out[-1].text = text
             return out
 
-        def score_ids(self, seqs, batch_tokens=None, progress=None):
-            return self.scorer.score_texts([s.text for s in seqs], progress)
+        def score_ids(self, seqs, batch_tokens=None, progress=None, normalize=False):
+            if normalize and not self.calibration:
+                self.normalize([])  # fail before any request
+            rewards = self.scorer.score_texts([s.text for s in seqs], progress)
+            return self.normalize(rewards) if normalize else rewards
 
         def length_note(self) -> str:
             return f"{super().length_note()}; scored by {len(self.scorer.urls)} {self.scorer.backend} server(s)"
