@@ -73,11 +73,7 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path,
                                                        trust_remote_code=cfg.model.trust_remote_code)
         ensure_pad_token(self.tokenizer, cfg.model.pad_token, cfg.data.chat_template_kwargs)
-        if self.is_main:
-            self.data = prepare_data(cfg.data, self.tokenizer, cfg.train.seed)
-        d.barrier()
-        if not self.is_main:
-            self.data = prepare_data(cfg.data, self.tokenizer, cfg.train.seed)
+        self.data = d.main_first(lambda: prepare_data(cfg.data, self.tokenizer, cfg.train.seed))
         self.data_metrics = self._report_data(self.data)
         self.sampler = StepSampler(len(self.data.train), cfg.train.global_batch_pairs, cfg.train.seed,
                                    cfg.data.shuffle)
@@ -127,7 +123,7 @@ class Trainer:
             self.step = state["step"]
             log.info("resumed from %s at step %d", resume, self.step)
         self.stop_requested = False
-        self.logger = build_logger(cfg, d.rank, to_dict(cfg), write=self._write)
+        self.logger = build_logger(cfg, d.rank, to_dict(cfg), write=self._write, start_step=self.step)
 
     # ------------------------------------------------------------------------------------------------------------------
 
