@@ -8,8 +8,10 @@ each packed row between them, and `setup_distributed` is the one place that deci
 
 from __future__ import annotations
 
+import math
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -86,22 +88,31 @@ def _free_port() -> int:
 SHM_PREFIX = "deepspeed_allreduce_buffer"  # DeepSpeed's CPU all-reduce: /dev/shm/<prefix>_<uid>_<addr>_<port>_<rank>
 
 
-def release_shm_buffers(rank: int, world: int, shm: Path = Path("/dev/shm")) -> None:
+def release_shm_buffers(rank: int, shm: Path = Path("/dev/shm")) -> None:
     """Leave no DeepSpeed CPU all-reduce buffers in /dev/shm, however the run ends (docs/architecture.md).
 
     Each rank creates one buffer (about 66 MiB) in init_distributed and DeepSpeed never removes it, so every
     run used to leave `world` of them behind, kill -9 or not. Once all ranks have mapped each other's buffers
     (the barrier), the names are no longer needed: each rank unlinks its own, and the memory goes when the last
     process unmaps it at exit. Local rank 0 also removes buffers of our user that no live process maps (left by
-    runs before this fix or killed before the barrier); a live run's buffers are mapped, so they are kept."""
+    runs before this fix or killed before the barrier) and that are over a minute old; a live run's buffers are
+    mapped, so they are kept."""
     torch.distributed.barrier()
     own = shm / f"{SHM_PREFIX}_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{rank}"
     own.unlink(missing_ok=True)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        stale = set(shm.glob(f"{SHM_PREFIX}_{os.getuid()}_*"))
+        old = time.time() - 60  # a buffer is mapped a moment after it is created: spare young ones
+        stale = {p for p in shm.glob(f"{SHM_PREFIX}_{os.getuid()}_*") if _mtime(p) < old}
         if stale:
             for path in stale - _mapped_paths():
                 path.unlink(missing_ok=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return math.inf
 
 
 def _mapped_paths() -> set[Path]:
@@ -134,5 +145,5 @@ def setup_distributed() -> Dist:
         device = torch.device("cpu")
         share_cpu_threads()
         retain_freed_memory()
-        release_shm_buffers(rank, world)
+        release_shm_buffers(rank)
     return Dist(rank, world, local_rank, device, dp_rank=rank, dp_size=world)
