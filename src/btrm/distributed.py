@@ -89,7 +89,7 @@ SHM_PREFIX = "deepspeed_allreduce_buffer"  # DeepSpeed's CPU all-reduce: /dev/sh
 
 
 def release_shm_buffers(rank: int, shm: Path = Path("/dev/shm")) -> None:
-    """Leave no DeepSpeed CPU all-reduce buffers in /dev/shm, however the run ends (docs/architecture.md).
+    """Leave no DeepSpeed CPU all-reduce buffers in /dev/shm, however the run ends (docs/design.md, DeepSpeed).
 
     Each rank creates one buffer (about 66 MiB) in init_distributed and DeepSpeed never removes it, so every
     run used to leave `world` of them behind, kill -9 or not. Once all ranks have mapped each other's buffers
