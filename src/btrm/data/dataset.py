@@ -16,8 +16,8 @@ import numpy as np
 from btrm.config import DataConfig, SourceConfig
 from btrm.data.packing import collate_pairs, plan_step
 from btrm.data.pairs import Pair
-from btrm.errors import UserError
 from btrm.data.sources import BadRow, DataReport, load_pairs, source_files
+from btrm.errors import UserError
 from btrm.render import render_many
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0, use_cache: bool = Tr
               "train_pairs": len(train), "eval_pairs": len(ev) if ev else 0}
     if len(train) == 0:
         raise UserError(f"every training pair was dropped as over-long (max_length={cfg.max_length}, "
-                         f"max_tokens={cfg.max_tokens}); raise them or use data.overlong=truncate_prompt_left")
+                        f"max_tokens={cfg.max_tokens}); raise them or use data.overlong=truncate_prompt_left")
     if use_cache:
         tmp = root.with_name(root.name + ".tmp")
         train.ds.save_to_disk(str(tmp / "train"))

@@ -20,6 +20,7 @@ from btrm.data.dataset import PreparedData, StepSampler, TokenizedPairs, prepare
 from btrm.data.packing import assign_to_ranks, best_fit_decreasing, collate_pairs, packing_efficiency
 from btrm.data.sources import DataReport
 from btrm.distributed import setup_distributed
+from btrm.errors import UserError
 from btrm.flops import model_shape, non_embedding_params, peak_flops, train_flops
 from btrm.loss import build_objective
 from btrm.modeling import (enable_activation_checkpointing, ensure_pad_token, load_reward_model, packed_rewards,
@@ -118,7 +119,7 @@ class Trainer:
             expect = {"num_pairs": len(self.data.train), "global_batch_pairs": cfg.train.global_batch_pairs,
                       "seed": cfg.train.seed}
             if {k: pos[k] for k in expect} != expect:
-                raise ValueError(f"cannot resume exactly from {resume}: data position {pos} does not match the "
+                raise UserError(f"cannot resume exactly from {resume}: data position {pos} does not match the "
                                  f"current data/config {expect}")
             self.step = state["step"]
             log.info("resumed from %s at step %d", resume, self.step)
