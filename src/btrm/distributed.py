@@ -8,13 +8,24 @@ each packed row between them, and `setup_distributed` is the one place that deci
 
 from __future__ import annotations
 
+import math
 import os
 import socket
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 
 from btrm.cpu import retain_freed_memory, share_cpu_threads
+
+
+T = TypeVar("T")
+
+
+class FailedOnMain(Exception):
+    """Raised on ranks > 0 when rank 0 failed a step they wait for: rank 0 reports the error, these exit quietly."""
 
 
 @dataclass
@@ -45,6 +56,25 @@ class Dist:
         torch.distributed.all_gather_object(out, obj)
         return out
 
+    def main_first(self, fn: Callable[[], T]) -> T:
+        """fn() on rank 0, then on the others (which read what rank 0 wrote, e.g. the tokenized cache). If rank
+        0 fails, it raises its error and the other ranks raise `FailedOnMain`, a quiet exit, instead of waiting
+        in a barrier until the connection to rank 0 breaks."""
+        failure, result = None, None
+        if self.rank == 0:
+            try:
+                result = fn()
+            except Exception as e:
+                failure = e
+        if self.world_size > 1:
+            msg = [None if failure is None else type(failure).__name__]
+            torch.distributed.broadcast_object_list(msg, src=0)
+            if self.rank != 0 and msg[0] is not None:
+                raise FailedOnMain(f"rank 0 failed ({msg[0]}); it reports the error")
+        if failure is not None:
+            raise failure
+        return fn() if self.rank != 0 else result
+
     def _comm_device(self):
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
@@ -53,6 +83,49 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+SHM_PREFIX = "deepspeed_allreduce_buffer"  # DeepSpeed's CPU all-reduce: /dev/shm/<prefix>_<uid>_<addr>_<port>_<rank>
+
+
+def release_shm_buffers(rank: int, shm: Path = Path("/dev/shm")) -> None:
+    """Leave no DeepSpeed CPU all-reduce buffers in /dev/shm, however the run ends (docs/design.md, DeepSpeed).
+
+    Each rank creates one buffer (about 66 MiB) in init_distributed and DeepSpeed never removes it, so every
+    run used to leave `world` of them behind, kill -9 or not. Once all ranks have mapped each other's buffers
+    (the barrier), the names are no longer needed: each rank unlinks its own, and the memory goes when the last
+    process unmaps it at exit. Local rank 0 also removes buffers of our user that no live process maps (left by
+    runs before this fix or killed before the barrier) and that are over a minute old; a live run's buffers are
+    mapped, so they are kept."""
+    torch.distributed.barrier()
+    own = shm / f"{SHM_PREFIX}_{os.getuid()}_{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{rank}"
+    own.unlink(missing_ok=True)
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        old = time.time() - 60  # a buffer is mapped a moment after it is created: spare young ones
+        stale = {p for p in shm.glob(f"{SHM_PREFIX}_{os.getuid()}_*") if _mtime(p) < old}
+        if stale:
+            for path in stale - _mapped_paths():
+                path.unlink(missing_ok=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return math.inf
+
+
+def _mapped_paths() -> set[Path]:
+    """Files under /dev/shm that any process we can see has mapped."""
+    out = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # gone, or not ours
+            continue
+        out.update(Path(line.split(maxsplit=5)[5]) for line in text.splitlines()
+                   if "/dev/shm/" in line and len(line.split(maxsplit=5)) == 6)
+    return out
 
 
 def setup_distributed() -> Dist:
@@ -72,4 +145,5 @@ def setup_distributed() -> Dist:
         device = torch.device("cpu")
         share_cpu_threads()
         retain_freed_memory()
+        release_shm_buffers(rank)
     return Dist(rank, world, local_rank, device, dp_rank=rank, dp_size=world)

@@ -125,6 +125,27 @@ def test_conversation_ending_with_the_user_is_refused(rm_dirs, tmp_path):
     assert [("error" in r) for r in got] == [False, True, False] and "last_not_assistant" in got[1]["error"]
 
 
+def test_non_utf8_line_is_named_or_skipped(rm_dirs, tmp_path):
+    """A byte that is not UTF-8 in one jsonl line: an error naming file and line (real CLI), or with --skip-bad
+    that row's {row, error} while the others are scored."""
+    import subprocess
+    import sys
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"messages": c} for c in make_conversations(3, seed=6, max_words=20)])
+    lines = inp.read_bytes().splitlines(keepends=True)
+    inp.write_bytes(lines[0] + lines[1].replace(b'"content": "', b'"content": "\xe9', 1) + lines[2])
+    out = tmp_path / "o.jsonl"
+    cmd = [sys.executable, "-m", "btrm.cli", "score", "--model", str(rm_dirs["qwen3"]), "--input", str(inp),
+           "--output", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith(f"btrm score: error: {inp}:2: field '<row>': bad_encoding")
+    p = subprocess.run([*cmd, "--skip-bad"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "bad 1" in p.stdout
+    got = read_jsonl(out)
+    assert [("error" in r) for r in got] == [False, True, False] and "bad_encoding" in got[1]["error"]
+
+
 def test_resume_gives_identical_output_in_bf16(rm_dirs, tmp_path, monkeypatch):
     """Chunks start at fixed rows, so a resume packs every row with the same neighbours as an uninterrupted run:
     the model sees the same sequence lists (recorded on their way in) and the output is equal bytes, not approx."""

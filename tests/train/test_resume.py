@@ -1,10 +1,14 @@
 """Exact resume after kill -9, and a kill during a checkpoint write never hurts the last good checkpoint."""
 
+import contextlib
+import json
+import mmap
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +18,7 @@ from transformers import AutoModelForSequenceClassification
 from btrm.tiny import write_preference_jsonl
 from btrm.train.checkpoint import latest_checkpoint
 
-from trainhelp import REPO, env, launcher_cmd, metrics, train, write_config
+from trainhelp import REPO, env, launcher_cmd, metrics, shm_buffers, train, write_config
 
 STEPS = 12
 
@@ -35,7 +39,7 @@ def test_kill9_then_resume_is_exact(tmp_path, tiny_llama_dir, model):
     if model.get("lora"):
         pytest.importorskip("peft")
     straight_cfg, straight_out = _config(tmp_path, tiny_llama_dir, "straight", **model)
-    train(straight_cfg, 2)
+    assert shm_buffers(train(straight_cfg, 2).args) == []  # a run that ended normally left none
 
     killed_cfg, killed_out = _config(tmp_path, tiny_llama_dir, "killed", **model)
     proc = subprocess.Popen(launcher_cmd(killed_cfg, 2), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
@@ -46,10 +50,17 @@ def test_kill9_then_resume_is_exact(tmp_path, tiny_llama_dir, model):
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # launcher and both ranks, no chance to clean up
     proc.wait()
+    assert shm_buffers(proc.args) == []
     resumed_from = latest_checkpoint(killed_out)
     assert resumed_from.name != f"checkpoint-{STEPS}", "killed too late to test resume"
-    out = train(killed_cfg, 2)
+    with _shm_left_by_older_runs() as (stale, live):
+        out = train(killed_cfg, 2)
+        assert not stale.exists() and live.exists()  # the restart removed the dead run's buffer, kept the live one
     assert f"resumed from {resumed_from}" in out.stdout + out.stderr
+    assert shm_buffers(out.args) == []
+    steps = [json.loads(line)["step"] for line in (killed_out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))  # one row per logged step: the killed run's rows after its checkpoint
+    # were dropped on resume, not kept beside the resumed run's
 
     a, b = metrics(straight_out), metrics(killed_out)
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
@@ -64,6 +75,24 @@ def test_kill9_then_resume_is_exact(tmp_path, tiny_llama_dir, model):
         wa, wb = (load_file(o / f"checkpoint-{STEPS}" / "adapter" / "adapter_model.safetensors")
                   for o in (straight_out, killed_out))
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@contextlib.contextmanager
+def _shm_left_by_older_runs():
+    """Two DeepSpeed buffers of our user as runs before the cleanup left them: one of a dead run (an hour old,
+    mapped by nobody) and one that a live process (this one) maps."""
+    stale = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_1_0")
+    live = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_2_0")
+    for path in (stale, live):
+        path.write_bytes(b"\0" * 4096)
+    os.utime(stale, (time.time() - 3600,) * 2)
+    os.utime(live, (time.time() - 3600,) * 2)
+    with live.open("r+b") as f, mmap.mmap(f.fileno(), 4096):
+        try:
+            yield stale, live
+        finally:
+            stale.unlink(missing_ok=True)
+            live.unlink(missing_ok=True)
 
 
 KILL_DURING_SECOND_SAVE = """
@@ -111,3 +140,22 @@ def test_sigterm_finishes_step_saves_and_exits(tmp_path, tiny_llama_dir):
     saved = latest_checkpoint(out)
     assert saved is not None and f"stopped by signal at step {saved.name.split('-')[1]}" in text
     assert int(saved.name.split("-")[1]) == max(metrics(out))  # the step it finished is the step it saved
+
+
+@pytest.mark.slow
+def test_two_rank_sigterm_leaves_no_shm_buffers(tmp_path, tiny_llama_dir):
+    """SIGTERM to the whole launched job (launcher and ranks), as a scheduler cancelling it does."""
+    cfg, out = _config(tmp_path, tiny_llama_dir, "run", checkpoint_every=0)
+    proc = subprocess.Popen(launcher_cmd(cfg, 2, "--train.max_steps=100000"), cwd=REPO, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert shm_buffers(proc.args) == []

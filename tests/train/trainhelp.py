@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import socket
@@ -57,6 +58,12 @@ def train(config: Path, nproc: int = 2, *overrides: str, timeout: int = 600) -> 
     if proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def shm_buffers(cmd: list[str]) -> list[str]:
+    """DeepSpeed CPU all-reduce buffers in /dev/shm of the launcher run `cmd` (named by its --master_port)."""
+    port = cmd[cmd.index("--master_port") + 1]
+    return sorted(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
 
 
 def metrics(out_dir: Path) -> dict[int, dict]:

@@ -17,6 +17,7 @@ from btrm.config import DataConfig, SourceConfig
 from btrm.data.packing import collate_pairs, plan_step
 from btrm.data.pairs import Pair
 from btrm.data.sources import BadRow, DataReport, load_pairs, source_files
+from btrm.errors import UserError
 from btrm.render import render_many
 
 log = logging.getLogger(__name__)
@@ -225,14 +226,16 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0, use_cache: bool = Tr
     else:
         eval_pairs = []
     if not pairs:
-        raise ValueError("no valid training pairs: " + (train_report.summary() or "sources are empty"))
+        files = [str(f) for src in cfg.sources for f in source_files(src)] or [src.path for src in cfg.sources]
+        raise UserError(f"no valid training pairs in {', '.join(files)}: "
+                        + (train_report.summary().replace("\n", "; ") or "no rows"))
     train = tokenize_pairs(pairs, tokenizer, cfg, train_report)
     ev = tokenize_pairs(eval_pairs, tokenizer, cfg, eval_report) if eval_pairs else None
     report = {"train": train_report.as_dict(), "eval": eval_report.as_dict(),
               "train_pairs": len(train), "eval_pairs": len(ev) if ev else 0}
     if len(train) == 0:
-        raise ValueError(f"every training pair was dropped as over-long (max_length={cfg.max_length}, "
-                         f"max_tokens={cfg.max_tokens}); raise them or use data.overlong=truncate_prompt_left")
+        raise UserError(f"every training pair was dropped as over-long (max_length={cfg.max_length}, "
+                        f"max_tokens={cfg.max_tokens}); raise them or use data.overlong=truncate_prompt_left")
     if use_cache:
         tmp = root.with_name(root.name + ".tmp")
         train.ds.save_to_disk(str(tmp / "train"))

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Iterator
 
 from btrm.config import SourceConfig
 from btrm.data.pairs import Pair
+from btrm.errors import UserError
 
 SUFFIXES = {".json", ".jsonl", ".parquet", ".arrow"}
 ROLES = {"system", "user", "assistant", "tool"}
@@ -171,7 +172,9 @@ def iter_file(path: Path, parse: bool = True) -> Iterator[tuple[str, Any]]:
         yield from _iter_jsonl(path, parse)
     elif path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_bytes())
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start})") from None
         except json.JSONDecodeError:  # JSON lines saved as .json
             yield from _iter_jsonl(path)
             return
@@ -200,11 +203,19 @@ def iter_file(path: Path, parse: bool = True) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_jsonl(path: Path, parse: bool = True) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    """Lines are decoded one by one, so a line that is not UTF-8 is one bad row (`bad_encoding`), not the
+    end of the file."""
+    with path.open("rb") as f:
+        for i, raw in enumerate(f, 1):
+            origin = f"{path}:{i}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield origin, BadRow("bad_encoding", "<row>", f"not UTF-8: byte {raw[e.start]:#04x} at column "
+                                     f"{e.start + 1}", origin)
+                continue
             if not line.strip():
                 continue
-            origin = f"{path}:{i}"
             yield origin, parse_row(origin, JsonText(line)) if parse else JsonText(line)
 
 
@@ -318,7 +329,28 @@ def normalize_row(row: Any, src: SourceConfig, origin: str, name: str) -> Pair:
 
 
 def iter_pairs(src: SourceConfig, report: DataReport, strict: bool = False) -> Iterator[Pair]:
+    check_columns(src)
     return validate_rows(src, iter_raw_rows(src), report, strict)
+
+
+def check_columns(src: SourceConfig) -> None:
+    """A parquet / arrow file without the chosen and rejected columns is one error naming the expected and the
+    found columns, not a skip of every row."""
+    need = [src.columns.get(k, k) for k in ("chosen", "rejected")]
+    for f in source_files(src):
+        if f.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            found = pq.ParquetFile(f).schema_arrow.names
+        elif f.suffix == ".arrow":
+            from datasets import Dataset
+
+            found = Dataset.from_file(str(f)).column_names
+        else:
+            continue
+        if missing := [c for c in need if c not in found]:
+            raise UserError(f"{f}: missing column(s) {missing}: expected {need} (and 'prompt' unless they are "
+                            f"message lists; map other names with data.sources[].columns), found {found}")
 
 
 def validate_rows(src: SourceConfig, rows: Iterable[tuple[str, Any]], report: DataReport,

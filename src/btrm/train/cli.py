@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from btrm.config import ConfigError, load_config
-from btrm.errors import UserError
 
 
 def parse_args(argv: list[str]):
@@ -14,6 +14,7 @@ def parse_args(argv: list[str]):
         prog="train.py", description="Train a Bradley-Terry reward model. Overrides: --section.key=value",
         epilog="example: deepspeed train.py --config configs/quickstart.yaml --optim.lr=1e-3")
     parser.add_argument("--config", required=True, help="recipe YAML")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of data errors (or BTRM_DEBUG=1)")
     parser.add_argument("--resume", default=None, help="checkpoint path, 'auto' (default) or 'none'")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # launcher
     args, rest = parser.parse_known_args(argv)
@@ -23,12 +24,19 @@ def parse_args(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    """Config errors, and data errors (a strict-mode bad row, a missing or empty file, wrong columns), end in one
+    line on stderr from rank 0 and exit code 2; the other ranks exit quietly. `--debug` or BTRM_DEBUG=1 shows
+    the traceback instead."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("BTRM_DEBUG", "") not in ("", "0")
+    args, overrides = parse_args([a for a in argv if a != "--debug"])
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from btrm.cli import USER_ERRORS, one_line
+    from btrm.distributed import FailedOnMain
     from btrm.train.trainer import run
 
     def done(path):
@@ -40,7 +48,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(cfg, on_done=done)
-    except UserError as e:  # e.g. QLoRA asked for on a machine without CUDA: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
+    except FailedOnMain:
+        return 2
+    except USER_ERRORS as e:  # a data, config or setup mistake (e.g. QLoRA without CUDA): one line, no traceback
+        if debug:
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"train.py: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0

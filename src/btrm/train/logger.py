@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,20 @@ class ConsoleLogger(Logger):
 
 
 class JsonlLogger(Logger):
-    """metrics.jsonl in the output dir: machine-readable history of every logged step."""
+    """metrics.jsonl in the output dir: machine-readable history of every logged step.
 
-    def __init__(self, path: Path):
+    A run that starts at `start_step` (a resume, or 0) first drops the rows of later steps, which the run it
+    continues logged after its checkpoint and this run logs again: the file reads as one run, one row per step.
+    The rewrite goes through a temporary file and a rename, so a kill leaves the old file or the new one."""
+
+    def __init__(self, path: Path, start_step: int = 0):
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                    if _step(line) <= start_step]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            os.replace(tmp, path)
         self.f = path.open("a", encoding="utf-8")
 
     def log(self, metrics, step):
@@ -93,15 +104,23 @@ class MultiLogger(Logger):
             lg.close()
 
 
-def build_logger(cfg, rank: int, config_dict: dict, write=print) -> Logger:
+def build_logger(cfg, rank: int, config_dict: dict, write=print, start_step: int = 0) -> Logger:
     if rank != 0:
         return Logger()
     out = Path(cfg.train.output_dir)
-    loggers: list[Logger] = [ConsoleLogger(write), JsonlLogger(out / "metrics.jsonl")]
+    loggers: list[Logger] = [ConsoleLogger(write), JsonlLogger(out / "metrics.jsonl", start_step)]
     if cfg.logging.wandb:
         loggers.append(WandbLogger(cfg.logging.project, cfg.logging.run_name, cfg.logging.tags, config_dict, out,
                                    write))
     return MultiLogger(loggers)
+
+
+def _step(line: str) -> float:
+    """The step of a metrics.jsonl row; a torn last line (a kill mid-write) counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _fmt(v) -> str:

@@ -20,6 +20,7 @@ from btrm.data.dataset import PreparedData, StepSampler, TokenizedPairs, prepare
 from btrm.data.packing import assign_to_ranks, best_fit_decreasing, collate_pairs, packing_efficiency
 from btrm.data.sources import DataReport
 from btrm.distributed import setup_distributed
+from btrm.errors import UserError
 from btrm.flops import model_shape, non_embedding_params, peak_flops, train_flops
 from btrm.loss import build_objective
 from btrm.modeling import (enable_activation_checkpointing, ensure_pad_token, load_reward_model, packed_rewards,
@@ -73,11 +74,7 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path,
                                                        trust_remote_code=cfg.model.trust_remote_code)
         ensure_pad_token(self.tokenizer, cfg.model.pad_token, cfg.data.chat_template_kwargs)
-        if self.is_main:
-            self.data = prepare_data(cfg.data, self.tokenizer, cfg.train.seed)
-        d.barrier()
-        if not self.is_main:
-            self.data = prepare_data(cfg.data, self.tokenizer, cfg.train.seed)
+        self.data = d.main_first(lambda: prepare_data(cfg.data, self.tokenizer, cfg.train.seed))
         self.data_metrics = self._report_data(self.data)
         self.sampler = StepSampler(len(self.data.train), cfg.train.global_batch_pairs, cfg.train.seed,
                                    cfg.data.shuffle)
@@ -127,12 +124,12 @@ class Trainer:
             expect = {"num_pairs": len(self.data.train), "global_batch_pairs": cfg.train.global_batch_pairs,
                       "seed": cfg.train.seed}
             if {k: pos[k] for k in expect} != expect:
-                raise ValueError(f"cannot resume exactly from {resume}: data position {pos} does not match the "
+                raise UserError(f"cannot resume exactly from {resume}: data position {pos} does not match the "
                                  f"current data/config {expect}")
             self.step = state["step"]
             log.info("resumed from %s at step %d", resume, self.step)
         self.stop_requested = False
-        self.logger = build_logger(cfg, d.rank, to_dict(cfg), write=self._write)
+        self.logger = build_logger(cfg, d.rank, to_dict(cfg), write=self._write, start_step=self.step)
 
     # ------------------------------------------------------------------------------------------------------------------
 
