@@ -1,0 +1,378 @@
+"""Streaming data preparation: source files -> validate -> render -> tokenize -> split / weight -> on-disk cache.
+
+Every stage is an Arrow dataset on disk, so memory stays bounded whatever the number of pairs:
+  1. read     `Dataset.from_generator` streams raw rows of every source (pickled as they were read) to Arrow;
+  2. convert  one batched `map` (`num_proc` processes) validates, renders and tokenizes each row once, applies the
+              over-long policy and computes the held-out hash; skipped rows stay as rows with their reason;
+  3. order    per-source counts and reasons come from column scans (so they merge across processes by
+              construction); source weights (repeat / subsample) and the held-out split are index arithmetic on
+              NumPy arrays (8 bytes per pair), never a Python list of pairs;
+  4. write    `select(indices)` + `save_to_disk`, plus `<split>_lengths.npy` (chosen / rejected tokens per pair)
+              that training memory-maps for the step sampler and the packing plans.
+The result (ids, order, report) equals the list-based `prepare_data` on the same data; tests/core/test_pipeline.py
+checks it. The cache directory is written under a file lock into `<key>.tmp` and renamed when complete, so two
+preparers never race and a run killed mid-way leaves nothing that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import pickle
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from btrm.config import DataConfig, SourceConfig
+from btrm.data.sources import BadRow, DataReport, iter_raw_rows, normalize_row, source_name
+
+log = logging.getLogger(__name__)
+
+STATUS_SKIP = "skip"  # a row that failed validation (status column; ok | truncated | dropped otherwise)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 1: raw rows -> Arrow (lazily, one row at a time)
+
+
+def _raw_rows(shards: list[tuple[int, SourceConfig]]) -> Iterator[dict]:
+    # (index, source) pairs: datasets may split a list argument of the generator into shards
+    for k, src in shards:
+        for origin, row in iter_raw_rows(src):
+            if isinstance(row, BadRow):  # unreadable (e.g. bad JSON): its parts, as the exception does not pickle
+                row = _Unreadable((row.reason, row.field, row.detail))
+            yield {"src": k, "origin": origin, "raw": pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL)}
+
+
+class _Unreadable(tuple):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 2: validate -> render -> tokenize -> over-long policy (batched, in num_proc processes)
+
+
+def _convert_batch(batch, sources, names, tokenizer, kwargs, max_length, max_tokens, policy, want_hash):
+    from btrm.data.dataset import fit_pair, pair_hash
+    from btrm.render import render_text, tokenize_texts
+
+    n = len(batch["src"])
+    out = {"margin": [None] * n, "source": [None] * n, "category": [None] * n, "chosen_ids": [[]] * n,
+           "rejected_ids": [[]] * n, "status": [STATUS_SKIP] * n, "num_tokens": [0] * n, "chosen_len": [0] * n,
+           "heldout_hash": [None] * n, "skip_reason": [None] * n, "skip_field": [None] * n, "skip_detail": [None] * n}
+    keep, pairs = [], []
+    for i, (k, origin, raw) in enumerate(zip(batch["src"], batch["origin"], batch["raw"])):
+        row = pickle.loads(raw)
+        try:
+            if isinstance(row, _Unreadable):
+                raise BadRow(*row, origin=origin)
+            pair = normalize_row(row, sources[k], origin, names[k])
+        except BadRow as err:
+            out["skip_reason"][i], out["skip_field"][i], out["skip_detail"][i] = err.reason, err.field, err.detail
+            continue
+        keep.append(i)
+        pairs.append(pair)
+        out["margin"][i], out["source"][i], out["category"][i] = pair.margin, pair.source, pair.category
+        if want_hash:
+            out["heldout_hash"][i] = pair_hash(pair.chosen, pair.rejected)
+    ids_c = tokenize_texts(tokenizer, [render_text(tokenizer, p.chosen, kwargs) for p in pairs])
+    ids_r = tokenize_texts(tokenizer, [render_text(tokenizer, p.rejected, kwargs) for p in pairs])
+    bos = tokenizer.bos_token_id if tokenizer.bos_token else None
+    for i, c, r in zip(keep, ids_c, ids_r):
+        c2, r2, status = fit_pair(c, r, max_length, max_tokens, policy, bos)
+        c2, r2 = c2 or [], r2 or []
+        out["chosen_ids"][i], out["rejected_ids"][i], out["status"][i] = c2, r2, status
+        out["num_tokens"][i], out["chosen_len"][i] = len(c2) + len(r2), len(c2)
+    return out
+
+
+def _features():
+    from datasets import Features, List, Value
+
+    return Features({"src": Value("int32"), "origin": Value("string"), "margin": Value("float64"),
+                     "source": Value("string"), "category": Value("string"), "chosen_ids": List(Value("int32")),
+                     "rejected_ids": List(Value("int32")), "status": Value("string"), "num_tokens": Value("int64"),
+                     "chosen_len": Value("int64"), "heldout_hash": Value("string"), "skip_reason": Value("string"),
+                     "skip_field": Value("string"), "skip_detail": Value("string")})
+
+
+def convert_sources(sources: list[SourceConfig], tokenizer, cfg: DataConfig, work: Path, want_hash: bool,
+                    num_proc: int):
+    """One Arrow row per raw row of every source, validated and tokenized (stages 1 and 2)."""
+    from datasets import Dataset, Features, Value
+
+    raw = Dataset.from_generator(
+        _raw_rows, gen_kwargs={"shards": list(enumerate(sources))}, cache_dir=str(work / "read"),
+        features=Features({"src": Value("int32"), "origin": Value("string"), "raw": Value("binary")}))
+    names = [source_name(s) for s in sources]
+    nproc = num_proc if num_proc > 1 and len(raw) >= 1000 else None
+    return raw.map(_convert_batch, batched=True, batch_size=256, num_proc=nproc, remove_columns=["raw"],
+                   features=_features(), desc="validating and tokenizing pairs", load_from_cache_file=False,
+                   cache_file_name=str(work / "convert" / "pairs.arrow"),
+                   fn_kwargs=dict(sources=sources, names=names, tokenizer=tokenizer, kwargs=cfg.chat_template_kwargs,
+                                  max_length=cfg.max_length, max_tokens=cfg.max_tokens, policy=cfg.overlong,
+                                  want_hash=want_hash))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 3: reports, weights and the held-out split from column scans
+
+
+def _column(ds, name: str):
+    return ds.data.column(name)
+
+
+def _eq(ds, name: str, value: str) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    return pc.fill_null(pc.equal(_column(ds, name), value), False).to_numpy(zero_copy_only=False)
+
+
+def _first_order_counts(codes: np.ndarray, labels: list[str]) -> dict[str, int]:
+    """{label: count} in order of first appearance (the order a Counter filled row by row would have)."""
+    if len(codes) == 0:
+        return {}
+    uniq, first = np.unique(codes, return_index=True)
+    counts = np.bincount(codes, minlength=len(labels))
+    return {labels[u]: int(counts[u]) for u in uniq[np.argsort(first)]}
+
+
+def fill_source_report(ds, sources: list[SourceConfig], report: DataReport, strict: bool) -> None:
+    """read / kept / skipped per source and reason, and the first example of each reason (in row order)."""
+    names = [source_name(s) for s in sources]
+    src = _column(ds, "src").to_numpy()
+    skip = _eq(ds, "status", STATUS_SKIP)
+    skipped_rows = np.flatnonzero(skip)
+    if strict and len(skipped_rows):
+        first = ds[int(skipped_rows[0])]
+        raise BadRow(first["skip_reason"], first["skip_field"], first["skip_detail"], first["origin"])
+    for k in range(len(sources)):
+        in_src = src == k
+        read = int(in_src.sum())
+        if read:
+            report.read[names[k]] += read
+        kept = int((in_src & ~skip).sum())
+        if kept:
+            report.kept[names[k]] += kept
+    # skipped rows are few: read their reasons in row order, in slices so memory stays bounded
+    for start in range(0, len(skipped_rows), 65536):
+        part = ds.select_columns(["src", "origin", "skip_reason", "skip_field", "skip_detail"])[
+            skipped_rows[start:start + 65536]]
+        for k, origin, reason, fld, detail in zip(part["src"], part["origin"], part["skip_reason"], part["skip_field"],
+                                                  part["skip_detail"]):
+            report.skip(names[k], BadRow(reason, fld, detail, origin))
+
+
+def sample_indices(n: int, k: int, seed: int) -> np.ndarray:
+    """sorted(random.Random(seed).sample(range(n), k)) as an int64 array, in O(n) bytes rather than Python objects.
+
+    Same draws as CPython's `random.sample` (3.11), which `sources.weighted_indices` uses: the pool variant for small
+    populations, the rejection variant (a bitmap here instead of a set) otherwise."""
+    rnd = random.Random(seed)
+    randbelow = rnd._randbelow
+    result = np.empty(k, dtype=np.int64)
+    setsize = 21
+    if k > 5:
+        import math
+
+        setsize += 4 ** math.ceil(math.log(k * 3, 4))
+    if n <= setsize:
+        pool = np.arange(n, dtype=np.int64)
+        for i in range(k):
+            j = randbelow(n - i)
+            result[i] = pool[j]
+            pool[j] = pool[n - i - 1]
+    else:
+        selected = np.zeros(n, dtype=bool)
+        for i in range(k):
+            j = randbelow(n)
+            while selected[j]:
+                j = randbelow(n)
+            selected[j] = True
+            result[i] = j
+    result.sort()
+    return result
+
+
+def weighted_order(ds, sources: list[SourceConfig], seed: int) -> np.ndarray:
+    """Row indices of every kept pair, source by source, repeated / subsampled by the source weight (the order the
+    list-based loader produced)."""
+    src = _column(ds, "src").to_numpy()
+    kept = ~_eq(ds, "status", STATUS_SKIP)
+    parts = []
+    for k, s in enumerate(sources):
+        rows = np.flatnonzero(kept & (src == k))
+        if s.weight != 1.0:
+            whole, frac = int(s.weight), s.weight - int(s.weight)
+            idx = np.tile(np.arange(len(rows), dtype=np.int64), whole)
+            extra = round(frac * len(rows))
+            if extra:
+                idx = np.concatenate([idx, sample_indices(len(rows), extra, seed + k)])
+            rows = rows[idx]
+        parts.append(rows)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def heldout_mask(ds, order: np.ndarray, fraction: float) -> np.ndarray:
+    """is_heldout(pair_hash) of each row in `order`, computed from the first 15 hex digits as the old code did."""
+    out = np.zeros(len(order), dtype=bool)
+    if fraction <= 0:
+        return out
+    col = _column(ds, "heldout_hash")
+    step = 1 << 20
+    for start in range(0, len(order), step):
+        hashes = col.take(order[start:start + step]).to_pylist()
+        out[start:start + step] = [int(h[:15], 16) / 16**15 < fraction for h in hashes]
+    return out
+
+
+def overlong_report(ds, order: np.ndarray, report: DataReport) -> np.ndarray:
+    """Count over-long handling per pair source over `order` (repeats count again); return the rows kept."""
+    import pyarrow.compute as pc
+
+    enc = pc.dictionary_encode(_column(ds, "source")).combine_chunks()
+    codes = pc.fill_null(enc.indices, 0).to_numpy(zero_copy_only=False)  # null = a skipped row, never in order
+    labels = enc.dictionary.to_pylist()
+    for status, counter in (("dropped", report.overlong_dropped), ("truncated", report.overlong_truncated)):
+        sel = _eq(ds, "status", status)[order]
+        for name, n in _first_order_counts(codes[order[sel]], labels).items():
+            counter[name] += n
+    return order[~_eq(ds, "status", "dropped")[order]]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 4: the cache directory
+
+
+FINAL_COLUMNS = ["margin", "source", "category", "origin", "chosen_ids", "rejected_ids", "status", "num_tokens",
+                 "chosen_len"]
+
+
+def write_split(ds, rows: np.ndarray, path: Path) -> int:
+    part = ds.select_columns(FINAL_COLUMNS).select(rows)
+    part.save_to_disk(str(path))
+    chosen, total = _column(ds, "chosen_len").to_numpy()[rows], _column(ds, "num_tokens").to_numpy()[rows]
+    lengths = np.stack([chosen, total - chosen], axis=1).astype(np.int32).reshape(-1, 2)
+    np.save(path.with_name(path.name + "_lengths.npy"), lengths)
+    return len(rows)
+
+
+def build_cache(cfg: DataConfig, tokenizer, seed: int, out: Path, num_proc: int | None = None) -> dict:
+    """Prepare train (and eval) pairs into the directory `out` (which must not exist); returns the report."""
+    num_proc = cfg.num_proc if num_proc is None else num_proc
+    work = out / "work"
+    train_report, eval_report = DataReport(), DataReport()
+    split_by_hash = not cfg.eval_sources and cfg.eval_fraction > 0
+    train_ds = convert_sources(cfg.sources, tokenizer, cfg, work / "train", split_by_hash, num_proc)
+    fill_source_report(train_ds, cfg.sources, train_report, cfg.strict)
+    eval_ds = None
+    if cfg.eval_sources:
+        eval_ds = convert_sources(cfg.eval_sources, tokenizer, cfg, work / "eval", False, num_proc)
+        fill_source_report(eval_ds, cfg.eval_sources, eval_report, cfg.strict)
+        eval_order = weighted_order(eval_ds, cfg.eval_sources, seed)
+    order = weighted_order(train_ds, cfg.sources, seed)
+    if split_by_hash:
+        held = heldout_mask(train_ds, order, cfg.eval_fraction)
+        order, eval_order, eval_ds = order[~held], order[held], train_ds
+    if len(order) == 0:
+        raise ValueError("no valid training pairs: " + (train_report.summary() or "sources are empty"))
+    train_rows = overlong_report(train_ds, order, train_report)
+    eval_rows = overlong_report(eval_ds, eval_order, eval_report) if eval_ds is not None and len(eval_order) else None
+    report = {"train": train_report.as_dict(), "eval": eval_report.as_dict(),
+              "train_pairs": len(train_rows), "eval_pairs": len(eval_rows) if eval_rows is not None else 0}
+    if len(train_rows) == 0:
+        raise ValueError(f"every training pair was dropped as over-long (max_length={cfg.max_length}, "
+                         f"max_tokens={cfg.max_tokens}); raise them or use data.overlong=truncate_prompt_left")
+    write_split(train_ds, train_rows, out / "train")
+    if eval_rows is not None:
+        write_split(eval_ds, eval_rows, out / "eval")
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    del train_ds, eval_ds
+    shutil.rmtree(work)
+    return report
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, wait_log_s: float = 60.0):
+    """Exclusive advisory lock on `path` (released by the kernel if the holder dies); logs while it waits."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        t0 = time.monotonic()
+        next_log = wait_log_s
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() - t0 >= next_log:
+                    log.info("waiting for %s (another process is preparing this data) for %.0f s", path, next_log)
+                    next_log += wait_log_s
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepare_cache(cfg: DataConfig, tokenizer, seed: int, root: Path, num_proc: int | None = None) -> bool:
+    """Make `root` a complete cache unless it is one already; True if this call built it.
+
+    Holds `<root>.lock` while building into `<root>.tmp`, so concurrent preparers (ranks, nodes sharing a file
+    system, a `btrm data prepare` next to a training run) build once; a `.tmp` left by a killed run is removed."""
+    if (root / "done.json").exists():
+        return False
+    with file_lock(root.with_name(root.name + ".lock")):
+        if (root / "done.json").exists():  # another process finished while we waited
+            return False
+        tmp = root.with_name(root.name + ".tmp")
+        if tmp.exists():
+            log.info("removing %s left by an interrupted run", tmp)
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        build_cache(cfg, tokenizer, seed, tmp, num_proc)
+        (tmp / "done.json").write_text("{}")
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    return True
+
+
+def wait_for_cache(root: Path, poll_s: float = 2.0, log_every_s: float = 60.0) -> None:
+    """Block until another process has finished `root` (no collective, so no timeout)."""
+    t0 = time.monotonic()
+    next_log = log_every_s
+    while not (root / "done.json").exists():
+        if time.monotonic() - t0 >= next_log:
+            log.info("waiting %.0f s for the data cache %s", next_log, root)
+            next_log += log_every_s
+        time.sleep(poll_s)
+
+
+def load_lengths(root: Path, split: str) -> np.ndarray | None:
+    """(pairs, 2) int32 chosen / rejected token counts, memory-mapped."""
+    f = root / f"{split}_lengths.npy"
+    return np.load(f, mmap_mode="r") if f.exists() else None
+
+
+def load_prepared(root: Path):
+    """PreparedData memory-mapped from a complete cache directory."""
+    from datasets import load_from_disk
+
+    from btrm.data.dataset import PreparedData, TokenizedPairs
+
+    def split(name):
+        if not (root / name).exists():
+            return None
+        pairs = TokenizedPairs(load_from_disk(str(root / name)))
+        lengths = load_lengths(root, name)
+        pairs._chosen_len, pairs._sizes = lengths[:, 0], lengths.sum(axis=1)
+        return pairs
+
+    return PreparedData(split("train"), split("eval"), json.loads((root / "report.json").read_text()), root)
