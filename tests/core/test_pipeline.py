@@ -1,6 +1,9 @@
 """The streaming pipeline builds the same data as the list-based loader, and its cache survives races and kills."""
 
 import json
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -9,8 +12,9 @@ from transformers import AutoTokenizer
 
 from btrm.builtin import resolve_builtins
 from btrm.config import DataConfig, SourceConfig, load_config
+from btrm.data import dataset as ds_mod
 from btrm.data.dataset import cache_key, prepare_data
-from btrm.data.pipeline import FINAL_COLUMNS, load_prepared, prepare_cache, sample_indices
+from btrm.data.pipeline import FINAL_COLUMNS, file_lock, load_prepared, prepare_cache, sample_indices
 from btrm.modeling import ensure_pad_token
 from btrm.tiny import write_preference_jsonl
 
@@ -93,3 +97,51 @@ def test_sample_indices_is_random_sample(n, k):
     import random
 
     assert sample_indices(n, k, 11).tolist() == sorted(random.Random(11).sample(range(n), k))
+
+
+def _recipe(tmp_path, model_dir, n=3000):
+    data = write_preference_jsonl(tmp_path / "d.jsonl", n)
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps({"model": {"name_or_path": str(model_dir)},
+                                "data": {"sources": [{"path": str(data)}], "eval_fraction": 0.1}}))
+    return path
+
+
+def _prepare(recipe, cache, **kw):
+    return subprocess.Popen([sys.executable, "-m", "btrm.cli", "data", "prepare", "--config", str(recipe),
+                             f"--data.cache_dir={cache}"], text=True, **kw)
+
+
+def _wait_for(predicate, what, timeout=300):
+    t0 = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - t0 < timeout, what
+        time.sleep(0.05)
+
+
+def test_prepare_cli_writes_the_trainer_cache_survives_a_kill_and_waits_for_the_lock(tmp_path, tiny_llama_dir, tok,
+                                                                                       monkeypatch):
+    recipe, cache = _recipe(tmp_path, tiny_llama_dir), tmp_path / "cache"
+    proc = _prepare(recipe, cache, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    _wait_for(lambda: list(cache.glob("*.tmp/work/train/convert/*")), "tokenizing never started")
+    proc.kill()
+    proc.wait()
+    [tmp] = cache.glob("*.tmp")
+    root = tmp.with_name(tmp.name[:-4])
+    assert not (root / "done.json").exists()
+    # a second preparer waits while another process holds the lock, and only then replaces the stale .tmp
+    with file_lock(root.with_name(root.name + ".lock")):
+        proc = _prepare(recipe, cache, stderr=subprocess.PIPE, stdout=subprocess.PIPE)
+        _wait_for(lambda: "another process is preparing" in proc.stderr.readline(), "did not wait for the lock")
+        assert tmp.exists() and not root.exists()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert f"prepared: {root}" in out and not tmp.exists()
+    cfg = load_config(recipe, [f"--data.cache_dir={tmp_path / 'ref'}"])
+    ref = tmp_path / "ref" / root.name
+    assert prepare_cache(cfg.data, tok, cfg.train.seed, ref)  # same key from the same config
+    assert_same(load_prepared(root), load_prepared(ref))
+    # the trainer's loader finds this cache under the same key and tokenizes nothing
+    monkeypatch.setattr(ds_mod, "tokenize_pairs", lambda *a, **k: pytest.fail("tokenized again"))
+    cfg.data.cache_dir = str(cache)
+    assert_same(prepare_data(cfg.data, tok, cfg.train.seed), load_prepared(root))

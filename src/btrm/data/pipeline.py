@@ -300,20 +300,20 @@ def build_cache(cfg: DataConfig, tokenizer, seed: int, out: Path, num_proc: int 
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, wait_log_s: float = 60.0):
-    """Exclusive advisory lock on `path` (released by the kernel if the holder dies); logs while it waits."""
+def file_lock(path: Path, log_every_s: float = 60.0):
+    """Exclusive advisory lock on `path` (the kernel releases it if the holder dies); logs while it waits."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
-        t0 = time.monotonic()
-        next_log = wait_log_s
+        t0, next_log = time.monotonic(), 0.0
         while True:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() - t0 >= next_log:
-                    log.info("waiting for %s (another process is preparing this data) for %.0f s", path, next_log)
-                    next_log += wait_log_s
+                    log.info("waiting for %s: another process is preparing this data (%.0f s so far)", path,
+                             time.monotonic() - t0)
+                    next_log += log_every_s
                 time.sleep(0.5)
         try:
             yield
@@ -376,3 +376,57 @@ def load_prepared(root: Path):
         return pairs
 
     return PreparedData(split("train"), split("eval"), json.loads((root / "report.json").read_text()), root)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# `btrm data prepare`
+
+
+def load_tokenizer(cfg):
+    """The tokenizer training renders with (pad token set as the trainer sets it: it is part of the cache key)."""
+    from transformers import AutoTokenizer
+
+    from btrm.modeling import ensure_pad_token
+
+    tok = AutoTokenizer.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    ensure_pad_token(tok, cfg.model.pad_token, cfg.data.chat_template_kwargs)
+    return tok
+
+
+def cache_root(cfg, tokenizer) -> Path:
+    from btrm.data.dataset import cache_key
+
+    return Path(cfg.data.cache_dir) / cache_key(cfg.data, tokenizer, cfg.train.seed)
+
+
+def format_report(report: dict) -> str:
+    lines = [f"data: {report['train_pairs']:,} training pairs, {report['eval_pairs']:,} held-out pairs"]
+    for split in ("train", "eval"):
+        r = report[split]
+        for src, n in r.get("read", {}).items():
+            lines.append(f"  {split} {src}: read {n:,}, kept {r['kept'].get(src, 0):,}")
+        if r.get("skipped"):
+            lines.append(f"  {split} skipped invalid rows: {json.dumps(r['skipped'])}")
+            lines += [f"    e.g. {example}" for example in r.get("examples", {}).values()]
+        if r.get("overlong_dropped"):
+            lines.append(f"  {split} over-long pairs dropped: {json.dumps(r['overlong_dropped'])}")
+        if r.get("overlong_truncated"):
+            lines.append(f"  {split} over-long pairs prompt-truncated: {json.dumps(r['overlong_truncated'])}")
+    return "\n".join(lines)
+
+
+def prepare_command(config: str, overrides: list[str], num_proc: int | None) -> int:
+    from btrm.builtin import resolve_builtins
+    from btrm.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = resolve_builtins(load_config(config, overrides), True, lambda: None)
+    tok = load_tokenizer(cfg)
+    root = cache_root(cfg, tok)
+    t0 = time.perf_counter()
+    built = prepare_cache(cfg.data, tok, cfg.train.seed, root, num_proc)
+    report = json.loads((root / "report.json").read_text())
+    print(format_report(report))
+    print(f"{'prepared' if built else 'already prepared'}: {root}" + (f" in {time.perf_counter() - t0:.0f} s"
+                                                                        if built else ""))
+    return 0
