@@ -1,6 +1,11 @@
-"""Tokenization throughput (cold and cached) and packing efficiency.
+"""Tokenization throughput (cold and cached) and packing efficiency; `--scale`: peak memory at scale.
 
     python scripts/bench_data.py [--pairs 20000 --num-proc 1 2]
+    python scripts/bench_data.py --scale 100000 1000000 --num-proc 1 2
+
+--scale runs the streaming pipeline (`btrm data prepare`'s code) on that many synthetic long pairs, each run in a
+fresh process, and reports peak RSS of the main process and of the largest tokenizing worker, pairs/s, the
+figures per million pairs and a projection to 40M pairs.
 
 Cold = validation + rendering + tokenization through datasets.map, written to the cache; cached = the second
 run, which only memory-maps the cache. Packing: best-fit decreasing on long-tailed (lognormal) pair lengths at
@@ -42,11 +47,67 @@ def long_rows(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
+def scale_one(n: int, nproc: int, work: Path) -> None:
+    """One pipeline run in this (fresh) process; prints a JSON line with its figures."""
+    import json
+    import resource
+
+    from transformers import AutoTokenizer
+
+    from btrm.data.pipeline import prepare_cache
+
+    tok = AutoTokenizer.from_pretrained(work / "model")
+    ensure_pad_token(tok)
+    cfg = DataConfig(sources=[SourceConfig(path=str(work / f"long-{n}.jsonl"))], num_proc=nproc, eval_fraction=0.01,
+                     max_length=16384, max_tokens=32768)
+    root = work / f"cache-{n}-{nproc}"
+    t = time.perf_counter()
+    prepare_cache(cfg, tok, 0, root)
+    dt = time.perf_counter() - t
+    rss = {who: resource.getrusage(r).ru_maxrss / 1024 for who, r in
+           (("main", resource.RUSAGE_SELF), ("worker", resource.RUSAGE_CHILDREN))}
+    size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    print(json.dumps({"pairs": n, "num_proc": nproc, "seconds": dt, "rss_main_mb": rss["main"],
+                      "rss_worker_mb": rss["worker"], "cache_mb": size / 2**20}), flush=True)
+    shutil.rmtree(root)
+
+
+def scale(counts: list[int], nprocs: list[int], work: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    build_tiny_model("llama3", work / "model")
+    print("| pairs | num_proc | s | pairs/s | peak RSS main MB | peak RSS largest worker MB | cache MB | "
+          "per 1M pairs: s / cache GB | 40M projection: h / cache GB |\n|---|---|---|---|---|---|---|---|---|",
+          flush=True)
+    for n in counts:
+        f = long_rows(work / f"long-{n}.jsonl", n)
+        for nproc in nprocs:
+            out = subprocess.run([sys.executable, __file__, "--_one", str(n), str(nproc), str(work)],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(out.stderr[-3000:])
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            per_m_s, per_m_gb = r["seconds"] / n * 1e6, r["cache_mb"] / n * 1e6 / 1024
+            print(f"| {n:,} | {nproc} | {r['seconds']:.0f} | {n / r['seconds']:,.0f} | {r['rss_main_mb']:,.0f} | "
+                  f"{r['rss_worker_mb']:,.0f} | {r['cache_mb']:,.0f} | {per_m_s:,.0f} / {per_m_gb:.1f} | "
+                  f"{per_m_s * 40 / 3600:,.1f} / {per_m_gb * 40:,.0f} |", flush=True)
+        f.unlink()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=20000)
     ap.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--scale", type=int, nargs="+", metavar="PAIRS", help="peak-memory runs of the streaming pipeline")
+    ap.add_argument("--_one", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args._one:
+        return scale_one(int(args._one[0]), int(args._one[1]), Path(args._one[2]))
+    if args.scale:
+        with tempfile.TemporaryDirectory() as tmp:
+            return scale(args.scale, args.num_proc, Path(tmp).resolve())
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
