@@ -344,17 +344,6 @@ def prepare_cache(cfg: DataConfig, tokenizer, seed: int, root: Path, num_proc: i
     return True
 
 
-def wait_for_cache(root: Path, poll_s: float = 2.0, log_every_s: float = 60.0) -> None:
-    """Block until another process has finished `root` (no collective, so no timeout)."""
-    t0 = time.monotonic()
-    next_log = log_every_s
-    while not (root / "done.json").exists():
-        if time.monotonic() - t0 >= next_log:
-            log.info("waiting %.0f s for the data cache %s", next_log, root)
-            next_log += log_every_s
-        time.sleep(poll_s)
-
-
 def load_lengths(root: Path, split: str) -> np.ndarray | None:
     """(pairs, 2) int32 chosen / rejected token counts, memory-mapped."""
     f = root / f"{split}_lengths.npy"
@@ -430,3 +419,51 @@ def prepare_command(config: str, overrides: list[str], num_proc: int | None) -> 
     print(f"{'prepared' if built else 'already prepared'}: {root}" + (f" in {time.perf_counter() - t0:.0f} s"
                                                                         if built else ""))
     return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training: prepare before the process group exists
+
+
+def prepare_for_training(cfg):
+    """(config with built-ins resolved, tokenizer, PreparedData), called by every rank BEFORE the process group is
+    created, so however long tokenizing takes no collective is waiting on it.
+
+    Who prepares (data.cache_scope): `node` - the first local rank of each node; nodes that share a file system
+    build once, because `prepare_cache` holds the cache's lock (so a shared file system still has one preparer in
+    the world). `shared` - global rank 0 only, for file systems without `flock`. Every other rank polls the file
+    system for the finished cache (logging while it waits) and memory-maps it."""
+    from btrm.builtin import resolve_builtins
+
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    preparer = rank == 0 if cfg.data.cache_scope == "shared" else local_rank == 0
+    if preparer:
+        with file_lock(Path(cfg.data.cache_dir) / "builtin.lock"):
+            resolved = resolve_builtins(cfg, True, lambda: None)
+    else:  # same paths, built by the preparer: wait for them to appear
+        resolved = resolve_builtins(cfg, False, lambda: None)
+        built = [resolved.model.name_or_path] + [s.path for s in resolved.data.sources + resolved.data.eval_sources]
+        original = [cfg.model.name_or_path] + [s.path for s in cfg.data.sources + cfg.data.eval_sources]
+        for path in (Path(b) for b, o in zip(built, original) if b != o):
+            wait_for(path, "built-in")
+    tokenizer = load_tokenizer(resolved)
+    root = cache_root(resolved, tokenizer)
+    if preparer:
+        t0 = time.perf_counter()
+        if prepare_cache(resolved.data, tokenizer, resolved.train.seed, root):
+            log.warning("tokenized data cached in %s (%.0f s)", root, time.perf_counter() - t0)
+    else:
+        wait_for(root / "done.json", "data cache", "prepared by " + ("global rank 0; if caches are node-local, set "
+                                                                     "data.cache_scope: node" if cfg.data.cache_scope
+                                                                     == "shared" else "local rank 0 of this node"))
+    return resolved, tokenizer, load_prepared(root)
+
+
+def wait_for(path: Path, what: str, who: str = "", poll_s: float = 0.5, log_every_s: float = 60.0) -> None:
+    """Block until `path` exists (written by another process). No collective is involved, so nothing times out."""
+    t0, next_log = time.monotonic(), log_every_s
+    while not path.exists():
+        if time.monotonic() - t0 >= next_log:
+            log.warning("waiting %.0f s for the %s %s%s", next_log, what, path, f" ({who})" if who else "")
+            next_log += log_every_s
+        time.sleep(poll_s)

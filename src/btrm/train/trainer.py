@@ -16,14 +16,14 @@ from typing import Callable
 import torch
 
 import btrm
-from btrm.builtin import resolve_builtins
 from btrm.config import Config, dump_yaml, to_dict
 from btrm.cpu import retain_freed_memory, share_cpu_threads
-from btrm.data.dataset import PreparedData, StepSampler, TokenizedPairs, prepare_data, rank_micro_batches
+from btrm.data.dataset import PreparedData, StepSampler, TokenizedPairs, rank_micro_batches
+from btrm.data.pipeline import prepare_for_training
 from btrm.data.packing import assign_to_ranks, best_fit_decreasing, collate_pairs, packing_efficiency
 from btrm.flops import model_shape, non_embedding_params, peak_flops, train_flops
 from btrm.loss import bt_loss, finalize_metrics
-from btrm.modeling import (enable_activation_checkpointing, ensure_pad_token, load_reward_model, packed_rewards,
+from btrm.modeling import (enable_activation_checkpointing, load_reward_model, packed_rewards,
                            resolve_attn_implementation, resolve_dtype)
 from btrm.train import checkpoint as ckpt
 from btrm.train.ds_config import build_ds_config
@@ -71,14 +71,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup_distributed() -> Dist:
+def setup_distributed(timeout_s: float = 600.0) -> Dist:
     """Works under the deepspeed launcher, torchrun, and a plain `python train.py` (one process)."""
+    from datetime import timedelta
+
     import deepspeed
 
     if "RANK" not in os.environ:  # plain python: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
-    deepspeed.init_distributed(verbose=False)
+    deepspeed.init_distributed(verbose=False, timeout=timedelta(seconds=timeout_s))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -142,31 +144,21 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device):
 
 class Trainer:
     def __init__(self, cfg: Config):
-        from transformers import AutoTokenizer
-
         self.cfg = cfg
-        self.dist = setup_distributed()
-        d = self.dist
-        self.is_main = d.rank == 0
+        self.is_main = int(os.environ.get("RANK", 0)) == 0
         self.pbar = None
         logging.basicConfig(level=logging.INFO if self.is_main else logging.WARNING, format="%(message)s")
+        # --- data first, before the process group exists: tokenizing for hours must not keep any rank waiting in a
+        # collective (which would time out); a cache that `btrm data prepare` wrote is memory-mapped at once
+        cfg, self.tokenizer, self.data = prepare_for_training(cfg)
+        self.dist = setup_distributed(cfg.deepspeed.timeout_s)
+        d = self.dist
         torch.manual_seed(cfg.train.seed)
         self.out = Path(cfg.train.output_dir)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_partial(self.out)
         d.barrier()
-        cfg = self.cfg_resolved = resolve_builtins(cfg, self.is_main, d.barrier)
-
-        # --- tokenizer and data (rank 0 tokenizes and caches; the others then read the cache)
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path,
-                                                       trust_remote_code=cfg.model.trust_remote_code)
-        ensure_pad_token(self.tokenizer, cfg.model.pad_token, cfg.data.chat_template_kwargs)
-        if self.is_main:
-            self.data = prepare_data(cfg.data, self.tokenizer, cfg.train.seed)
-        d.barrier()
-        if not self.is_main:
-            self.data = prepare_data(cfg.data, self.tokenizer, cfg.train.seed)
         self._log_data_report(self.data)
         self.data_metrics = _data_metrics(self.data.report)
         self.sampler = StepSampler(len(self.data.train), cfg.train.global_batch_pairs, cfg.train.seed,
