@@ -244,9 +244,11 @@ class StepSampler:
     def step_pairs(self, step: int) -> list[int]:
         """Pair indices of global step `step` (0-based). A function of (seed, step) only: resume is exact."""
         epoch, s = divmod(step, self.steps_per_epoch)
-        order = (np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs) if self.shuffle
-                 else np.arange(self.num_pairs))
-        return order[s * self.global_batch_pairs:(s + 1) * self.global_batch_pairs].tolist()
+        if getattr(self, "_epoch", None) != epoch:  # one permutation per epoch (8 bytes a pair), not one per step
+            self._order = (np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs) if self.shuffle
+                           else np.arange(self.num_pairs))
+            self._epoch = epoch
+        return self._order[s * self.global_batch_pairs:(s + 1) * self.global_batch_pairs].tolist()
 
 
 def rank_micro_batches(data: TokenizedPairs, pair_indices: list[int], max_tokens: int, world_size: int, rank: int):

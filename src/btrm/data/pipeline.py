@@ -7,8 +7,8 @@ Every stage is an Arrow dataset on disk, so memory stays bounded whatever the nu
   3. order    per-source counts and reasons come from column scans (so they merge across processes by
               construction); source weights (repeat / subsample) and the held-out split are index arithmetic on
               NumPy arrays (8 bytes per pair), never a Python list of pairs;
-  4. write    `select(indices)` + `save_to_disk`, plus `<split>_lengths.npy` (chosen / rejected tokens per pair)
-              that training memory-maps for the step sampler and the packing plans.
+  4. write    `select(indices)` + `save_to_disk`, plus `<split>_sizes.npy` and `<split>_chosen_len.npy` (tokens per
+              pair, and of its chosen side) that training memory-maps for the step sampler and the packing plans.
 The result (ids, order, report) equals the list-based `prepare_data` on the same data; tests/core/test_pipeline.py
 checks it. The cache directory is written under a file lock into `<key>.tmp` and renamed when complete, so two
 preparers never race and a run killed mid-way leaves nothing that a later run would trust.
@@ -256,11 +256,11 @@ FINAL_COLUMNS = ["margin", "source", "category", "origin", "chosen_ids", "reject
 
 
 def write_split(ds, rows: np.ndarray, path: Path) -> int:
-    part = ds.select_columns(FINAL_COLUMNS).select(rows)
-    part.save_to_disk(str(path))
-    chosen, total = _column(ds, "chosen_len").to_numpy()[rows], _column(ds, "num_tokens").to_numpy()[rows]
-    lengths = np.stack([chosen, total - chosen], axis=1).astype(np.int32).reshape(-1, 2)
-    np.save(path.with_name(path.name + "_lengths.npy"), lengths)
+    """The split's rows, in order, as a datasets directory, plus its per-pair token counts as .npy files that
+    training memory-maps: `<split>_sizes.npy` (chosen + rejected) and `<split>_chosen_len.npy`, int32."""
+    ds.select_columns(FINAL_COLUMNS).select(rows).save_to_disk(str(path))
+    for name, column in (("sizes", "num_tokens"), ("chosen_len", "chosen_len")):
+        np.save(path.with_name(f"{path.name}_{name}.npy"), _column(ds, column).to_numpy()[rows].astype(np.int32))
     return len(rows)
 
 
@@ -344,14 +344,8 @@ def prepare_cache(cfg: DataConfig, tokenizer, seed: int, root: Path, num_proc: i
     return True
 
 
-def load_lengths(root: Path, split: str) -> np.ndarray | None:
-    """(pairs, 2) int32 chosen / rejected token counts, memory-mapped."""
-    f = root / f"{split}_lengths.npy"
-    return np.load(f, mmap_mode="r") if f.exists() else None
-
-
 def load_prepared(root: Path):
-    """PreparedData memory-mapped from a complete cache directory."""
+    """PreparedData memory-mapped from a complete cache directory (datasets and the .npy token counts)."""
     from datasets import load_from_disk
 
     from btrm.data.dataset import PreparedData, TokenizedPairs
@@ -360,8 +354,8 @@ def load_prepared(root: Path):
         if not (root / name).exists():
             return None
         pairs = TokenizedPairs(load_from_disk(str(root / name)))
-        lengths = load_lengths(root, name)
-        pairs._chosen_len, pairs._sizes = lengths[:, 0], lengths.sum(axis=1)
+        pairs._sizes, pairs._chosen_len = (np.load(root / f"{name}_{k}.npy", mmap_mode="r")
+                                           for k in ("sizes", "chosen_len"))
         return pairs
 
     return PreparedData(split("train"), split("eval"), json.loads((root / "report.json").read_text()), root)
