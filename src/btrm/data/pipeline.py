@@ -3,7 +3,7 @@
 Every stage is an Arrow dataset on disk, so memory stays bounded whatever the number of pairs:
   1. read     `Dataset.from_generator` streams raw rows of every source (pickled as they were read) to Arrow;
   2. convert  one batched `map` (`num_proc` processes) validates, renders and tokenizes each row once, applies the
-              over-long policy and computes the held-out hash; skipped rows stay as rows with their reason;
+              over-long policy and decides the held-out split by content hash; skipped rows stay as rows with their reason;
   3. order    per-source counts and reasons come from column scans (so they merge across processes by
               construction); source weights (repeat / subsample) and the held-out split are index arithmetic on
               NumPy arrays (8 bytes per pair), never a Python list of pairs;
@@ -59,14 +59,14 @@ class _Unreadable(tuple):
 # Stage 2: validate -> render -> tokenize -> over-long policy (batched, in num_proc processes)
 
 
-def _convert_batch(batch, sources, names, tokenizer, kwargs, max_length, max_tokens, policy, want_hash):
-    from btrm.data.dataset import fit_pair, pair_hash
+def _convert_batch(batch, sources, names, tokenizer, kwargs, max_length, max_tokens, policy, eval_fraction):
+    from btrm.data.dataset import fit_pair, is_heldout, pair_hash
     from btrm.render import render_text, tokenize_texts
 
     n = len(batch["src"])
     out = {"margin": [None] * n, "source": [None] * n, "category": [None] * n, "chosen_ids": [[]] * n,
            "rejected_ids": [[]] * n, "status": [STATUS_SKIP] * n, "num_tokens": [0] * n, "chosen_len": [0] * n,
-           "heldout_hash": [None] * n, "skip_reason": [None] * n, "skip_field": [None] * n, "skip_detail": [None] * n}
+           "heldout": [False] * n, "skip_reason": [None] * n, "skip_field": [None] * n, "skip_detail": [None] * n}
     keep, pairs = [], []
     for i, (k, origin, raw) in enumerate(zip(batch["src"], batch["origin"], batch["raw"])):
         row = pickle.loads(raw)
@@ -80,8 +80,8 @@ def _convert_batch(batch, sources, names, tokenizer, kwargs, max_length, max_tok
         keep.append(i)
         pairs.append(pair)
         out["margin"][i], out["source"][i], out["category"][i] = pair.margin, pair.source, pair.category
-        if want_hash:
-            out["heldout_hash"][i] = pair_hash(pair.chosen, pair.rejected)
+        if eval_fraction > 0:
+            out["heldout"][i] = is_heldout(pair_hash(pair.chosen, pair.rejected), eval_fraction)
     ids_c = tokenize_texts(tokenizer, [render_text(tokenizer, p.chosen, kwargs) for p in pairs])
     ids_r = tokenize_texts(tokenizer, [render_text(tokenizer, p.rejected, kwargs) for p in pairs])
     bos = tokenizer.bos_token_id if tokenizer.bos_token else None
@@ -99,11 +99,11 @@ def _features():
     return Features({"src": Value("int32"), "origin": Value("string"), "margin": Value("float64"),
                      "source": Value("string"), "category": Value("string"), "chosen_ids": List(Value("int32")),
                      "rejected_ids": List(Value("int32")), "status": Value("string"), "num_tokens": Value("int64"),
-                     "chosen_len": Value("int64"), "heldout_hash": Value("string"), "skip_reason": Value("string"),
+                     "chosen_len": Value("int64"), "heldout": Value("bool"), "skip_reason": Value("string"),
                      "skip_field": Value("string"), "skip_detail": Value("string")})
 
 
-def convert_sources(sources: list[SourceConfig], tokenizer, cfg: DataConfig, work: Path, want_hash: bool,
+def convert_sources(sources: list[SourceConfig], tokenizer, cfg: DataConfig, work: Path, eval_fraction: float,
                     num_proc: int):
     """One Arrow row per raw row of every source, validated and tokenized (stages 1 and 2)."""
     from datasets import Dataset, Features, Value
@@ -118,7 +118,7 @@ def convert_sources(sources: list[SourceConfig], tokenizer, cfg: DataConfig, wor
                    cache_file_name=str(work / "convert" / "pairs.arrow"),
                    fn_kwargs=dict(sources=sources, names=names, tokenizer=tokenizer, kwargs=cfg.chat_template_kwargs,
                                   max_length=cfg.max_length, max_tokens=cfg.max_tokens, policy=cfg.overlong,
-                                  want_hash=want_hash))
+                                  eval_fraction=eval_fraction))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -153,14 +153,12 @@ def fill_source_report(ds, sources: list[SourceConfig], report: DataReport, stri
     if strict and len(skipped_rows):
         first = ds[int(skipped_rows[0])]
         raise BadRow(first["skip_reason"], first["skip_field"], first["skip_detail"], first["origin"])
+    read, kept = np.bincount(src, minlength=len(sources)), np.bincount(src[~skip], minlength=len(sources))
     for k in range(len(sources)):
-        in_src = src == k
-        read = int(in_src.sum())
-        if read:
-            report.read[names[k]] += read
-        kept = int((in_src & ~skip).sum())
-        if kept:
-            report.kept[names[k]] += kept
+        if read[k]:
+            report.read[names[k]] += int(read[k])
+        if kept[k]:
+            report.kept[names[k]] += int(kept[k])
     # skipped rows are few: read their reasons in row order, in slices so memory stays bounded
     for start in range(0, len(skipped_rows), 65536):
         part = ds.select_columns(["src", "origin", "skip_reason", "skip_field", "skip_detail"])[
@@ -220,19 +218,6 @@ def weighted_order(ds, sources: list[SourceConfig], seed: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def heldout_mask(ds, order: np.ndarray, fraction: float) -> np.ndarray:
-    """is_heldout(pair_hash) of each row in `order`, computed from the first 15 hex digits as the old code did."""
-    out = np.zeros(len(order), dtype=bool)
-    if fraction <= 0:
-        return out
-    col = _column(ds, "heldout_hash")
-    step = 1 << 20
-    for start in range(0, len(order), step):
-        hashes = col.take(order[start:start + step]).to_pylist()
-        out[start:start + step] = [int(h[:15], 16) / 16**15 < fraction for h in hashes]
-    return out
-
-
 def overlong_report(ds, order: np.ndarray, report: DataReport) -> np.ndarray:
     """Count over-long handling per pair source over `order` (repeats count again); return the rows kept."""
     import pyarrow.compute as pc
@@ -270,16 +255,17 @@ def build_cache(cfg: DataConfig, tokenizer, seed: int, out: Path, num_proc: int 
     work = out / "work"
     train_report, eval_report = DataReport(), DataReport()
     split_by_hash = not cfg.eval_sources and cfg.eval_fraction > 0
-    train_ds = convert_sources(cfg.sources, tokenizer, cfg, work / "train", split_by_hash, num_proc)
+    train_ds = convert_sources(cfg.sources, tokenizer, cfg, work / "train", cfg.eval_fraction if split_by_hash else 0,
+                               num_proc)
     fill_source_report(train_ds, cfg.sources, train_report, cfg.strict)
     eval_ds = None
     if cfg.eval_sources:
-        eval_ds = convert_sources(cfg.eval_sources, tokenizer, cfg, work / "eval", False, num_proc)
+        eval_ds = convert_sources(cfg.eval_sources, tokenizer, cfg, work / "eval", 0, num_proc)
         fill_source_report(eval_ds, cfg.eval_sources, eval_report, cfg.strict)
         eval_order = weighted_order(eval_ds, cfg.eval_sources, seed)
     order = weighted_order(train_ds, cfg.sources, seed)
     if split_by_hash:
-        held = heldout_mask(train_ds, order, cfg.eval_fraction)
+        held = _column(train_ds, "heldout").to_numpy(zero_copy_only=False)[order]
         order, eval_order, eval_ds = order[~held], order[held], train_ds
     if len(order) == 0:
         raise ValueError("no valid training pairs: " + (train_report.summary() or "sources are empty"))
