@@ -31,11 +31,13 @@ from typing import Iterator
 import numpy as np
 
 from btrm.config import DataConfig, SourceConfig
+from btrm.data.dataset import cache_root
 from btrm.data.sources import BadRow, DataReport, iter_raw_rows, normalize_row, source_name
 
 log = logging.getLogger(__name__)
 
-STATUS_SKIP = "skip"  # a row that failed validation (status column; ok | truncated | dropped otherwise)
+STATUS_SKIP = "skip"  # a row that failed validation (status column; ok | truncated | dropped | identical otherwise)
+IDENTICAL = "identical"  # responses that render to the same token ids: skipped as identical_responses
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -61,7 +63,7 @@ class _Unreadable(tuple):
 
 def _convert_batch(batch, sources, names, tokenizer, kwargs, max_length, max_tokens, policy, eval_fraction):
     from btrm.data.dataset import fit_pair, is_heldout, pair_hash
-    from btrm.render import render_text, tokenize_texts
+    from btrm.render import render_many
 
     n = len(batch["src"])
     out = {"margin": [None] * n, "source": [None] * n, "category": [None] * n, "chosen_ids": [[]] * n,
@@ -82,11 +84,12 @@ def _convert_batch(batch, sources, names, tokenizer, kwargs, max_length, max_tok
         out["margin"][i], out["source"][i], out["category"][i] = pair.margin, pair.source, pair.category
         if eval_fraction > 0:
             out["heldout"][i] = is_heldout(pair_hash(pair.chosen, pair.rejected), eval_fraction)
-    ids_c = tokenize_texts(tokenizer, [render_text(tokenizer, p.chosen, kwargs) for p in pairs])
-    ids_r = tokenize_texts(tokenizer, [render_text(tokenizer, p.rejected, kwargs) for p in pairs])
+    ids_c = render_many(tokenizer, [p.chosen for p in pairs], kwargs)
+    ids_r = render_many(tokenizer, [p.rejected for p in pairs], kwargs)
     bos = tokenizer.bos_token_id if tokenizer.bos_token else None
     for i, c, r in zip(keep, ids_c, ids_r):
-        c2, r2, status = fit_pair(c, r, max_length, max_tokens, policy, bos)
+        # the raw texts differ (normalize_row checked), but the template may trim the difference away
+        c2, r2, status = (None, None, IDENTICAL) if c == r else fit_pair(c, r, max_length, max_tokens, policy, bos)
         c2, r2 = c2 or [], r2 or []
         out["chosen_ids"][i], out["rejected_ids"][i], out["status"][i] = c2, r2, status
         out["num_tokens"][i], out["chosen_len"][i] = len(c2) + len(r2), len(c2)
@@ -218,8 +221,9 @@ def weighted_order(ds, sources: list[SourceConfig], seed: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def overlong_report(ds, order: np.ndarray, report: DataReport) -> np.ndarray:
-    """Count over-long handling per pair source over `order` (repeats count again); return the rows kept."""
+def tokenized_report(ds, order: np.ndarray, report: DataReport, strict: bool) -> np.ndarray:
+    """Count over-long handling, and pairs whose responses render to the same ids, per pair source over `order`
+    (a repeated pair counts again, as in the list it stands for); return the rows kept."""
     import pyarrow.compute as pc
 
     enc = pc.dictionary_encode(_column(ds, "source")).combine_chunks()
@@ -229,7 +233,15 @@ def overlong_report(ds, order: np.ndarray, report: DataReport) -> np.ndarray:
         sel = _eq(ds, "status", status)[order]
         for name, n in _first_order_counts(codes[order[sel]], labels).items():
             counter[name] += n
-    return order[~_eq(ds, "status", "dropped")[order]]
+    identical = _eq(ds, "status", IDENTICAL)[order]
+    for row in order[identical].tolist():  # rare: row by row, in order, for the reasons' first example
+        src, origin = labels[codes[row]], _column(ds, "origin")[row].as_py()
+        err = BadRow("identical_responses", "rejected", "the same tokens as chosen once rendered", origin)
+        if strict:
+            raise err
+        report.skip(src, err)
+        report.kept[src] -= 1
+    return order[~(_eq(ds, "status", "dropped") | _eq(ds, "status", IDENTICAL))[order]]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -269,8 +281,9 @@ def build_cache(cfg: DataConfig, tokenizer, seed: int, out: Path, num_proc: int 
         order, eval_order, eval_ds = order[~held], order[held], train_ds
     if len(order) == 0:
         raise ValueError("no valid training pairs: " + (train_report.summary() or "sources are empty"))
-    train_rows = overlong_report(train_ds, order, train_report)
-    eval_rows = overlong_report(eval_ds, eval_order, eval_report) if eval_ds is not None and len(eval_order) else None
+    train_rows = tokenized_report(train_ds, order, train_report, cfg.strict)
+    eval_rows = (tokenized_report(eval_ds, eval_order, eval_report, cfg.strict)
+                 if eval_ds is not None and len(eval_order) else None)
     report = {"train": train_report.as_dict(), "eval": eval_report.as_dict(),
               "train_pairs": len(train_rows), "eval_pairs": len(eval_rows) if eval_rows is not None else 0}
     if len(train_rows) == 0:
@@ -330,8 +343,9 @@ def prepare_cache(cfg: DataConfig, tokenizer, seed: int, root: Path, num_proc: i
     return True
 
 
-def load_prepared(root: Path):
-    """PreparedData memory-mapped from a complete cache directory (datasets and the .npy token counts)."""
+def load_prepared(root: Path, in_memory: bool = False):
+    """PreparedData memory-mapped from a complete cache directory (datasets and the .npy token counts), or read
+    into memory (a directory about to be deleted)."""
     from datasets import load_from_disk
 
     from btrm.data.dataset import PreparedData, TokenizedPairs
@@ -339,12 +353,12 @@ def load_prepared(root: Path):
     def split(name):
         if not (root / name).exists():
             return None
-        pairs = TokenizedPairs(load_from_disk(str(root / name)))
-        pairs._sizes, pairs._chosen_len = (np.load(root / f"{name}_{k}.npy", mmap_mode="r")
+        pairs = TokenizedPairs(load_from_disk(str(root / name), keep_in_memory=in_memory))
+        pairs._sizes, pairs._chosen_len = (np.load(root / f"{name}_{k}.npy", mmap_mode=None if in_memory else "r")
                                            for k in ("sizes", "chosen_len"))
         return pairs
 
-    return PreparedData(split("train"), split("eval"), json.loads((root / "report.json").read_text()), root)
+    return PreparedData(split("train"), split("eval"), json.loads((root / "report.json").read_text()))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -360,12 +374,6 @@ def load_tokenizer(cfg):
     tok = AutoTokenizer.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
     ensure_pad_token(tok, cfg.model.pad_token, cfg.data.chat_template_kwargs)
     return tok
-
-
-def cache_root(cfg, tokenizer) -> Path:
-    from btrm.data.dataset import cache_key
-
-    return Path(cfg.data.cache_dir) / cache_key(cfg.data, tokenizer, cfg.train.seed)
 
 
 def format_report(report: dict) -> str:
@@ -391,7 +399,7 @@ def prepare_command(config: str, overrides: list[str], num_proc: int | None) -> 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = resolve_builtins(load_config(config, overrides), True, lambda: None)
     tok = load_tokenizer(cfg)
-    root = cache_root(cfg, tok)
+    root = cache_root(cfg.data, tok, cfg.train.seed)
     t0 = time.perf_counter()
     built = prepare_cache(cfg.data, tok, cfg.train.seed, root, num_proc)
     report = json.loads((root / "report.json").read_text())
@@ -427,7 +435,7 @@ def prepare_for_training(cfg):
         for path in (Path(b) for b, o in zip(built, original) if b != o):
             wait_for(path, "built-in")
     tokenizer = load_tokenizer(resolved)
-    root = cache_root(resolved, tokenizer)
+    root = cache_root(resolved.data, tokenizer, resolved.train.seed)
     if preparer:
         t0 = time.perf_counter()
         if prepare_cache(resolved.data, tokenizer, resolved.train.seed, root):
