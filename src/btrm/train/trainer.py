@@ -153,6 +153,7 @@ class Trainer:
         cfg, self.tokenizer, self.data = prepare_for_training(cfg)
         self.dist = setup_distributed(cfg.deepspeed.timeout_s)
         d = self.dist
+        self.is_main = d.rank == 0  # the launcher's RANK may only be set by init (MPI discovery)
         torch.manual_seed(cfg.train.seed)
         self.out = Path(cfg.train.output_dir)
         if self.is_main:
