@@ -132,7 +132,7 @@ def test_mixed_weighted_heldout_equals_the_list_based_preparation(tmp_path, tok,
     new = load_prepared(root)
     assert_same(new, list_based(cfg, tok, 3))
     r = new.report["train"]
-    assert r["skipped"]["a"] == {"bad_json": 1, "missing_field": 1} and r["skipped"]["b"] == {"identical_responses": 7}
+    assert r["skipped"]["a"] == {"bad_json": 1, "null_field": 1} and r["skipped"]["b"] == {"identical_responses": 7}
     assert r["skipped"]["c"] == {"identical_responses": 1}  # rendered ids, counted as often as the pair is repeated
     assert r["overlong_" + ("dropped" if overlong == "drop" else "truncated")]
 

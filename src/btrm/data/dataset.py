@@ -20,7 +20,8 @@ from btrm.data.sources import source_files
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when tokenization or the cache layout changes (2: int32 ids, .npy token counts)
+CACHE_VERSION = 3  # bump when tokenization or the cache layout changes (2: pairs rendering to the same ids dropped;
+# 3: written by btrm.data.pipeline: int32 ids, .npy token counts)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -35,6 +36,16 @@ def common_prefix_len(a, b) -> int:
     return i
 
 
+def cut_prompt_left(seqs: list[list[int]], prompt_len: int, need: int, bos_id: int | None) -> list[list[int]]:
+    """Drop `need` tokens from the left of each sequence, after a leading BOS, out of its first `prompt_len` tokens
+    (a prompt all of them share). The rest, and so every reward token, stays whole; ValueError when the prompt
+    (less the BOS) is shorter than `need`. Training (`fit_pair`) and scoring (`RewardModel`) both cut here."""
+    head = 1 if bos_id is not None and seqs[0][:1] == [bos_id] else 0
+    if prompt_len - head < need:
+        raise ValueError(f"the last turn alone needs {len(seqs[0]) - prompt_len + head} tokens")
+    return [s[:head] + s[head + need:] for s in seqs]
+
+
 def fit_pair(c: list[int], r: list[int], max_length: int, max_tokens: int, policy: str, bos_id: int | None):
     """(chosen, rejected, status) with status ok | truncated | dropped. Only shared prompt tokens are ever cut,
     from the left (after a leading BOS); the responses, and so the reward tokens, stay whole."""
@@ -42,12 +53,13 @@ def fit_pair(c: list[int], r: list[int], max_length: int, max_tokens: int, polic
         return c, r, "ok"
     if policy == "drop":
         return None, None, "dropped"
-    head = 1 if bos_id is not None and c and c[0] == bos_id else 0
     shared = common_prefix_len(c, r) - 1  # keep at least one shared token before the responses diverge
     need = max(len(c) - max_length, len(r) - max_length, math.ceil((len(c) + len(r) - max_tokens) / 2), 0)
-    if shared - head < need:
+    try:
+        c, r = cut_prompt_left([c, r], shared, need, bos_id)
+    except ValueError:
         return None, None, "dropped"
-    return c[:head] + c[head + need:], r[:head] + r[head + need:], "truncated"
+    return c, r, "truncated"
 
 
 def pair_hash(chosen: list[dict], rejected: list[dict]) -> str:
@@ -66,7 +78,11 @@ def is_heldout(h: str, fraction: float) -> bool:
 
 @dataclass
 class TokenizedPairs:
-    """Column store of tokenized pairs (an Arrow-backed `datasets.Dataset`)."""
+    """Column store of tokenized pairs (an Arrow-backed `datasets.Dataset`).
+
+    The trainer reads an item store only through `len`, `sizes`, `seq_lengths` and `batch`; a store of ranked
+    groups would offer the same four (and `batch` would lay its items out with `collate`).
+    """
 
     ds: Any
 
@@ -75,7 +91,7 @@ class TokenizedPairs:
 
     @property
     def sizes(self) -> np.ndarray:
-        """chosen + rejected tokens per pair."""
+        """Tokens per item (chosen + rejected): what packing budgets."""
         if not hasattr(self, "_sizes"):
             self._sizes = np.asarray(self.ds["num_tokens"], dtype=np.int64)
         return self._sizes
@@ -86,14 +102,15 @@ class TokenizedPairs:
             self._chosen_len = np.asarray(self.ds["chosen_len"], dtype=np.int64)
         return self._chosen_len
 
-    def seq_lengths(self, i: int) -> tuple[int, int]:
+    def seq_lengths(self, i: int) -> list[int]:
+        """Token counts of item i's sequences in layout order: [chosen, rejected]."""
         c = int(self.chosen_lengths[i])
-        return c, int(self.sizes[i]) - c
+        return [c, int(self.sizes[i]) - c]
 
     def batch(self, indices: list[int]):
         """PackedBatch of these pairs, in this order."""
         rows = self.ds[indices] if indices else {k: [] for k in self.ds.column_names}
-        return collate_pairs(rows["chosen_ids"], rows["rejected_ids"], pair_ids=list(indices),
+        return collate_pairs(rows["chosen_ids"], rows["rejected_ids"], item_ids=list(indices),
                              margins=rows["margin"], sources=rows["source"], categories=rows["category"])
 
 
@@ -132,8 +149,7 @@ def cache_key(cfg: DataConfig, tokenizer, seed: int) -> str:
 class PreparedData:
     train: TokenizedPairs
     eval: TokenizedPairs | None
-    report: dict  # {"train": DataReport.as_dict(), "eval": ...}
-    cache_dir: Path | None = None
+    report: dict  # {"train": DataReport.as_dict(), "eval": ..., "train_pairs": n, "eval_pairs": n}
 
 
 def cache_root(cfg: DataConfig, tokenizer, seed: int) -> Path:

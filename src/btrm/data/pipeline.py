@@ -1,7 +1,8 @@
 """Streaming data preparation: source files -> validate -> render -> tokenize -> split / weight -> on-disk cache.
 
 Every stage is an Arrow dataset on disk, so memory stays bounded whatever the number of pairs:
-  1. read     `Dataset.from_generator` streams raw rows of every source (pickled as they were read) to Arrow;
+  1. read     `Dataset.from_generator` streams raw rows of every source (pickled as read; jsonl lines unparsed)
+              to Arrow;
   2. convert  one batched `map` (`num_proc` processes) validates, renders and tokenizes each row once, applies the
               over-long policy and decides the held-out split by content hash; skipped rows stay as rows with their reason;
   3. order    per-source counts and reasons come from column scans (so they merge across processes by
@@ -32,7 +33,7 @@ import numpy as np
 
 from btrm.config import DataConfig, SourceConfig
 from btrm.data.dataset import cache_root
-from btrm.data.sources import BadRow, DataReport, iter_raw_rows, normalize_row, source_name
+from btrm.data.sources import BadRow, DataReport, iter_raw_rows, normalize_row, parse_row, source_name
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +48,9 @@ IDENTICAL = "identical"  # responses that render to the same token ids: skipped 
 def _raw_rows(shards: list[tuple[int, SourceConfig]]) -> Iterator[dict]:
     # (index, source) pairs: datasets may split a list argument of the generator into shards
     for k, src in shards:
-        for origin, row in iter_raw_rows(src):
-            if isinstance(row, BadRow):  # unreadable (e.g. bad JSON): its parts, as the exception does not pickle
-                row = _Unreadable((row.reason, row.field, row.detail))
+        for origin, row in iter_raw_rows(src, parse=False):  # jsonl lines are parsed in the workers
             yield {"src": k, "origin": origin, "raw": pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL)}
 
-
-class _Unreadable(tuple):
-    pass
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -71,11 +67,8 @@ def _convert_batch(batch, sources, names, tokenizer, kwargs, max_length, max_tok
            "heldout": [False] * n, "skip_reason": [None] * n, "skip_field": [None] * n, "skip_detail": [None] * n}
     keep, pairs = [], []
     for i, (k, origin, raw) in enumerate(zip(batch["src"], batch["origin"], batch["raw"])):
-        row = pickle.loads(raw)
         try:
-            if isinstance(row, _Unreadable):
-                raise BadRow(*row, origin=origin)
-            pair = normalize_row(row, sources[k], origin, names[k])
+            pair = normalize_row(parse_row(origin, pickle.loads(raw)), sources[k], origin, names[k])
         except BadRow as err:
             out["skip_reason"][i], out["skip_field"][i], out["skip_detail"][i] = err.reason, err.field, err.detail
             continue
@@ -379,16 +372,9 @@ def load_tokenizer(cfg):
 def format_report(report: dict) -> str:
     lines = [f"data: {report['train_pairs']:,} training pairs, {report['eval_pairs']:,} held-out pairs"]
     for split in ("train", "eval"):
-        r = report[split]
-        for src, n in r.get("read", {}).items():
-            lines.append(f"  {split} {src}: read {n:,}, kept {r['kept'].get(src, 0):,}")
-        if r.get("skipped"):
-            lines.append(f"  {split} skipped invalid rows: {json.dumps(r['skipped'])}")
-            lines += [f"    e.g. {example}" for example in r.get("examples", {}).values()]
-        if r.get("overlong_dropped"):
-            lines.append(f"  {split} over-long pairs dropped: {json.dumps(r['overlong_dropped'])}")
-        if r.get("overlong_truncated"):
-            lines.append(f"  {split} over-long pairs prompt-truncated: {json.dumps(r['overlong_truncated'])}")
+        r = DataReport.from_dict(report[split])
+        lines += [f"  {split} {src}: read {n:,}, kept {r.kept[src]:,}" for src, n in r.read.items()]
+        lines += r.log_lines(split)
     return "\n".join(lines)
 
 
