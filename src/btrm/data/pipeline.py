@@ -21,6 +21,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import pickle
 import random
@@ -32,8 +33,9 @@ from typing import Iterator
 import numpy as np
 
 from btrm.config import DataConfig, SourceConfig
-from btrm.data.dataset import cache_root
+from btrm.data.dataset import PreparedData, TokenizedPairs, cache_root, fit_pair, is_heldout, pair_hash
 from btrm.data.sources import BadRow, DataReport, iter_raw_rows, normalize_row, parse_row, source_name
+from btrm.render import render_many
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +54,11 @@ def _raw_rows(shards: list[tuple[int, SourceConfig]]) -> Iterator[dict]:
             yield {"src": k, "origin": origin, "raw": pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL)}
 
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Stage 2: validate -> render -> tokenize -> over-long policy (batched, in num_proc processes)
 
 
 def _convert_batch(batch, sources, names, tokenizer, kwargs, max_length, max_tokens, policy, eval_fraction):
-    from btrm.data.dataset import fit_pair, is_heldout, pair_hash
-    from btrm.render import render_many
-
     n = len(batch["src"])
     out = {"margin": [None] * n, "source": [None] * n, "category": [None] * n, "chosen_ids": [[]] * n,
            "rejected_ids": [[]] * n, "status": [STATUS_SKIP] * n, "num_tokens": [0] * n, "chosen_len": [0] * n,
@@ -174,8 +172,6 @@ def sample_indices(n: int, k: int, seed: int) -> np.ndarray:
     result = np.empty(k, dtype=np.int64)
     setsize = 21
     if k > 5:
-        import math
-
         setsize += 4 ** math.ceil(math.log(k * 3, 4))
     if n <= setsize:
         pool = np.arange(n, dtype=np.int64)
@@ -255,7 +251,7 @@ def write_split(ds, rows: np.ndarray, path: Path) -> int:
 
 
 def build_cache(cfg: DataConfig, tokenizer, seed: int, out: Path, num_proc: int | None = None) -> dict:
-    """Prepare train (and eval) pairs into the directory `out` (which must not exist); returns the report."""
+    """Prepare train (and eval) pairs into the empty directory `out`; returns the report."""
     num_proc = cfg.num_proc if num_proc is None else num_proc
     work = out / "work"
     train_report, eval_report = DataReport(), DataReport()
@@ -340,8 +336,6 @@ def load_prepared(root: Path, in_memory: bool = False):
     """PreparedData memory-mapped from a complete cache directory (datasets and the .npy token counts), or read
     into memory (a directory about to be deleted)."""
     from datasets import load_from_disk
-
-    from btrm.data.dataset import PreparedData, TokenizedPairs
 
     def split(name):
         if not (root / name).exists():

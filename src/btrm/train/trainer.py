@@ -17,8 +17,8 @@ import btrm
 from btrm import attention
 from btrm.config import Config, dump_yaml, to_dict
 from btrm.data.dataset import PreparedData, StepSampler, TokenizedPairs, rank_micro_batches
-from btrm.data.pipeline import prepare_for_training
 from btrm.data.packing import assign_to_ranks, best_fit_decreasing, collate_pairs, packing_efficiency
+from btrm.data.pipeline import prepare_for_training
 from btrm.data.sources import DataReport
 from btrm.distributed import setup_distributed
 from btrm.flops import model_shape, non_embedding_params, peak_flops, train_flops
@@ -58,7 +58,8 @@ class Trainer:
         self.pbar = None
         logging.basicConfig(level=logging.INFO if self.is_main else logging.WARNING, format="%(message)s")
         # --- data first, before the process group exists: tokenizing for hours must not keep any rank waiting in a
-        # collective (which would time out); a cache that `btrm data prepare` wrote is memory-mapped at once
+        # collective (which would time out); a cache that `btrm data prepare` wrote is memory-mapped at once.
+        # self.cfg stays as written (built-ins unresolved): checkpoints save that
         cfg, self.tokenizer, self.data = prepare_for_training(cfg)
         self.dist = setup_distributed(cfg.deepspeed.timeout_s)
         d = self.dist
