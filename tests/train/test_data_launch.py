@@ -18,15 +18,16 @@ def test_tokenizing_longer_than_the_collective_timeout(tmp_path, tiny_llama_dir)
     model = tmp_path / "slow-template"
     shutil.copytree(tiny_llama_dir, model)
     template = model / "chat_template.jinja"
-    # ~0.2 s per rendered conversation: tokenizing 24 pairs takes several times the 3 s collective timeout
-    template.write_text("{%- for _ in range(1000) %}{%- for _ in range(1000) %}{%- endfor %}{%- endfor %}"
+    # ~0.3 s per rendered conversation: tokenizing 64 pairs takes a few times the 10 s collective timeout (a tighter
+    # timeout can fail a training step's collective when the shared machine stalls one rank)
+    template.write_text("{%- for _ in range(2500) %}{%- for _ in range(1000) %}{%- endfor %}{%- endfor %}"
                         + template.read_text())
-    data = write_preference_jsonl(tmp_path / "d.jsonl", 24)
+    data = write_preference_jsonl(tmp_path / "d.jsonl", 64)
     config = write_config(tmp_path, model, data, train={"max_steps": 2, "global_batch_pairs": 8},
-                          deepspeed={"timeout_s": 3}, checkpoint={"save_final": False})
+                          deepspeed={"timeout_s": 10}, checkpoint={"save_final": False})
     proc = train(config, 2)
     took = float(re.search(r"tokenized data cached in \S+ \((\d+) s\)", proc.stdout + proc.stderr).group(1))
-    assert took > 3 and len(metrics(tmp_path / "out")) == 2
+    assert took > 10 and len(metrics(tmp_path / "out")) == 2
 
 
 @pytest.mark.slow
