@@ -21,7 +21,7 @@ COMMANDS = {
     "score": ("btrm.inference.cli_score", "score conversations or preference pairs from a jsonl file"),
     "serve": ("btrm.inference.server", "serve a reward model over HTTP (SGLang /classify contract)"),
     "eval": ("btrm.eval.cli", "evaluate on reward-model benchmarks"),
-    "data": ("btrm.data.cli", "inspect and curate preference data (stats, clean, dedup, decontaminate, swap, filter)"),
+    "data": ("btrm.data.cli", "prepare (tokenize into the training cache), inspect and curate preference data"),
     "plan": ("btrm.plan", "estimate per-GPU memory and wall-clock for a training recipe"),
 }
 # OSError: files and folders that are not there, a model path or Hub id that cannot be loaded, the Hub unreachable
@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=COMMANDS[name][1])
         if name in names and len(names) == 1:
             importlib.import_module(COMMANDS[name][0]).add_arguments(p)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):  # dotted --section.key=value (btrm data prepare)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
         rc = importlib.import_module(COMMANDS[args.command][0]).run(args)
     except USER_ERRORS as e:

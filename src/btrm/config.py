@@ -112,7 +112,11 @@ class DataConfig:
     num_proc: int = 1
     """Processes for tokenization (datasets.map)."""
     cache_dir: str = ".cache/btrm"
-    """Tokenized-data cache, keyed by tokenizer, template, files and settings."""
+    """Tokenized-data cache, keyed by tokenizer, template, files and settings (`btrm data prepare` writes it)."""
+    cache_scope: Literal["node", "shared"] = "node"
+    """Who prepares a missing cache before training: node = the first local rank of each node (node-local disks;
+    nodes sharing a file system still build once, under the cache's file lock); shared = global rank 0 only, the
+    others wait for its files (for a shared file system without flock)."""
     shuffle: bool = True
     """Shuffle pairs each epoch (seeded)."""
 
@@ -208,6 +212,9 @@ class DeepSpeedConfig:
     """Parameters on CPU (ZeRO-3)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Raw DeepSpeed keys merged last (escape hatch; nested dicts merge)."""
+    timeout_s: float = 600.0
+    """Timeout of every collective (s; DeepSpeed's default is 10 min): a rank that waits longer fails. Data are
+    prepared before the process group exists, so tokenizing needs no headroom here."""
 
 
 @dataclass

@@ -14,18 +14,12 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
 
 import torch
 
 from btrm.cpu import retain_freed_memory, share_cpu_threads
 
 
-T = TypeVar("T")
-
-
-class FailedOnMain(Exception):
-    """Raised on ranks > 0 when rank 0 failed a step they wait for: rank 0 reports the error, these exit quietly."""
 
 
 @dataclass
@@ -55,25 +49,6 @@ class Dist:
         out = [None] * self.world_size
         torch.distributed.all_gather_object(out, obj)
         return out
-
-    def main_first(self, fn: Callable[[], T]) -> T:
-        """fn() on rank 0, then on the others (which read what rank 0 wrote, e.g. the tokenized cache). If rank
-        0 fails, it raises its error and the other ranks raise `FailedOnMain`, a quiet exit, instead of waiting
-        in a barrier until the connection to rank 0 breaks."""
-        failure, result = None, None
-        if self.rank == 0:
-            try:
-                result = fn()
-            except Exception as e:
-                failure = e
-        if self.world_size > 1:
-            msg = [None if failure is None else type(failure).__name__]
-            torch.distributed.broadcast_object_list(msg, src=0)
-            if self.rank != 0 and msg[0] is not None:
-                raise FailedOnMain(f"rank 0 failed ({msg[0]}); it reports the error")
-        if failure is not None:
-            raise failure
-        return fn() if self.rank != 0 else result
 
     def _comm_device(self):
         return self.device if self.device.type == "cuda" else torch.device("cpu")
@@ -128,14 +103,17 @@ def _mapped_paths() -> set[Path]:
     return out
 
 
-def setup_distributed() -> Dist:
-    """Works under the deepspeed launcher, torchrun, and a plain `python train.py` (one process)."""
+def setup_distributed(timeout_s: float = 600.0) -> Dist:
+    """Works under the deepspeed launcher, torchrun, and a plain `python train.py` (one process). `timeout_s` bounds
+    every collective (DeepSpeed's default is 10 minutes)."""
+    from datetime import timedelta
+
     import deepspeed
 
     if "RANK" not in os.environ:  # plain python: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
-    deepspeed.init_distributed(verbose=False)
+    deepspeed.init_distributed(verbose=False, timeout=timedelta(seconds=timeout_s))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():

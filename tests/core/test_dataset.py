@@ -4,7 +4,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from btrm.config import DataConfig, SourceConfig
-from btrm.data import dataset as ds_mod
+from btrm.data import pipeline
 from btrm.data.dataset import StepSampler, fit_pair, prepare_data
 from btrm.modeling import ensure_pad_token
 from btrm.render import render_ids
@@ -33,7 +33,7 @@ def test_tokenized_pairs_match_render_and_cache_is_reused(tmp_path, tok, monkeyp
     assert not set(first.train.ds["origin"]) & set(first.eval.ds["origin"])
     # second run must not tokenize again
     calls = []
-    monkeypatch.setattr(ds_mod, "tokenize_pairs", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(pipeline, "build_cache", lambda *a, **k: calls.append(1))
     second = prepare_data(cfg, tok, seed=1)
     assert calls == [] and second.train.ds["chosen_ids"] == first.train.ds["chosen_ids"]
     assert len(by_origin) == len(first.train)

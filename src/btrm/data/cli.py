@@ -1,4 +1,9 @@
-"""`btrm data {stats,clean,dedup,decontaminate,swap,filter}`: inspect and curate preference data.
+"""`btrm data {prepare,stats,clean,dedup,decontaminate,swap,filter}`: prepare, inspect and curate preference data.
+
+`prepare` tokenizes a recipe's data into exactly the cache its training run reads (same key), so big data can be
+prepared on a CPU machine before the GPUs start; training then memory-maps it:
+
+  btrm data prepare --config configs/skywork-reward-v2/llama-3.1-8b-40m.yaml --num-proc 32 [--data.cache_dir=...]
 
 Sources are given as in training, either `--config recipe.yaml` (its data.sources) or `--source PATH` (repeatable;
 `--format` and `--swap` apply to each). Inputs are never modified; see btrm.data.curate for what each step does.
@@ -45,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "for any value)")
 
     sub = parser.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    p = sub.add_parser("prepare", help="validate and tokenize a recipe's data into the cache training reads",
+                       description="Extra --section.key=value overrides apply as in train.py (they change the "
+                                   "cache key the same way).")
+    p.add_argument("--config", required=True, help="recipe YAML")
+    p.add_argument("--num-proc", type=int, help="tokenizing processes (default: the config's data.num_proc)")
+    p.set_defaults(accepts_overrides=True)
     p = sub.add_parser("stats", parents=[common], help="counts and token-length percentiles, with a PNG histogram")
     p.add_argument("--tokenizer", help="tokenizer path or Hub id (default: the config's model)")
     p.add_argument("--max-length", type=int, help="over-long threshold per conversation (default: the config's)")
@@ -87,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.data_command == "prepare":
+        from btrm.data.pipeline import prepare_command
+
+        return prepare_command(args.config, args.overrides, args.num_proc)
     if args.config:
         cfg = load_config(args.config, validate=False)
         sources, data, model = cfg.data.sources, cfg.data, cfg.model

@@ -1,4 +1,4 @@
-"""Pairs -> token ids (the shared render function, via datasets.map), over-long policy, held-out split, disk cache,
+"""Tokenized pairs and their disk cache (built by btrm.data.pipeline), the over-long policy, the held-out split,
 and the deterministic step sampler that makes resume exact."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import math
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,14 +16,12 @@ import numpy as np
 
 from btrm.config import DataConfig, SourceConfig
 from btrm.data.packing import collate_pairs, plan_step
-from btrm.data.pairs import Pair
-from btrm.data.sources import BadRow, DataReport, load_pairs, source_files
-from btrm.errors import UserError
-from btrm.render import render_many
+from btrm.data.sources import source_files
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when tokenization or the cache layout changes (2: pairs rendering to the same ids dropped)
+CACHE_VERSION = 3  # bump when tokenization or the cache layout changes (2: pairs rendering to the same ids dropped;
+# 3: written by btrm.data.pipeline: int32 ids, .npy token counts)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -115,56 +114,6 @@ class TokenizedPairs:
                              margins=rows["margin"], sources=rows["source"], categories=rows["category"])
 
 
-def _tokenize_batch(batch, tokenizer, kwargs, max_length, max_tokens, policy):
-    ids_c = render_many(tokenizer, [json.loads(m) for m in batch["chosen"]], kwargs)
-    ids_r = render_many(tokenizer, [json.loads(m) for m in batch["rejected"]], kwargs)
-    bos = tokenizer.bos_token_id if tokenizer.bos_token else None
-    out = {"chosen_ids": [], "rejected_ids": [], "status": [], "num_tokens": [], "chosen_len": []}
-    for c, r in zip(ids_c, ids_r):
-        # the raw texts differ (sources.normalize_row checked), but the template may trim the difference away
-        c2, r2, status = (None, None, "identical") if c == r else fit_pair(c, r, max_length, max_tokens, policy, bos)
-        out["chosen_ids"].append(c2 or [])
-        out["rejected_ids"].append(r2 or [])
-        out["status"].append(status)
-        out["num_tokens"].append(len(c2 or []) + len(r2 or []))
-        out["chosen_len"].append(len(c2 or []))
-    return out
-
-
-def tokenize_pairs(pairs: list[Pair], tokenizer, cfg: DataConfig, report: DataReport) -> TokenizedPairs:
-    """Rendered and tokenized pairs; over-long ones fitted or dropped, and pairs whose responses render to the same
-    tokens counted as identical_responses (raised under cfg.strict), as normalize_row counts equal raw texts."""
-    from datasets import Dataset
-
-    ds = Dataset.from_dict({
-        "chosen": [json.dumps(p.chosen, ensure_ascii=False) for p in pairs],
-        "rejected": [json.dumps(p.rejected, ensure_ascii=False) for p in pairs],
-        "margin": [p.margin for p in pairs],
-        "source": [p.source for p in pairs],
-        "category": [p.category for p in pairs],
-        "origin": [p.origin for p in pairs],
-    })
-    num_proc = cfg.num_proc if cfg.num_proc > 1 and len(pairs) >= 1000 else None
-    ds = ds.map(_tokenize_batch, batched=True, batch_size=256, num_proc=num_proc, remove_columns=["chosen", "rejected"],
-                fn_kwargs=dict(tokenizer=tokenizer, kwargs=cfg.chat_template_kwargs, max_length=cfg.max_length,
-                               max_tokens=cfg.max_tokens, policy=cfg.overlong),
-                desc="tokenizing pairs", load_from_cache_file=False)
-    for status, src, origin in zip(ds["status"], ds["source"], ds["origin"]):
-        if status == "identical":
-            err = BadRow("identical_responses", "rejected", "the same tokens as chosen once rendered", origin)
-            if cfg.strict:
-                raise err
-            report.skip(src, err)
-            report.kept[src] -= 1
-        elif status == "dropped":
-            report.overlong_dropped[src] += 1
-        elif status == "truncated":
-            report.overlong_truncated[src] += 1
-    ds = ds.filter(lambda s: [x not in ("dropped", "identical") for x in s], input_columns="status", batched=True,
-                   load_from_cache_file=False)
-    return TokenizedPairs(ds)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Cache
 
@@ -203,53 +152,24 @@ class PreparedData:
     report: dict  # {"train": DataReport.as_dict(), "eval": ..., "train_pairs": n, "eval_pairs": n}
 
 
+def cache_root(cfg: DataConfig, tokenizer, seed: int) -> Path:
+    return Path(cfg.cache_dir) / cache_key(cfg, tokenizer, seed)
+
+
 def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0, use_cache: bool = True) -> PreparedData:
-    """Load, validate, split, tokenize; reuse the on-disk cache when the key matches."""
-    from datasets import load_from_disk
+    """Validated, split, tokenized pairs (btrm.data.pipeline streams them to disk); the cache is reused when the key
+    matches and memory-mapped. Without the cache, the pairs are built in a temporary directory and read into memory."""
+    from btrm.data import pipeline
 
-    key = cache_key(cfg, tokenizer, seed)
-    root = Path(cfg.cache_dir) / key
-    if use_cache and (root / "done.json").exists():
-        log.info("using tokenized cache %s", root)
-        ev = load_from_disk(str(root / "eval")) if (root / "eval").exists() else None
-        return PreparedData(TokenizedPairs(load_from_disk(str(root / "train"))),
-                            TokenizedPairs(ev) if ev is not None else None,
-                            json.loads((root / "report.json").read_text()))
-    train_report, eval_report = DataReport(), DataReport()
-    pairs = load_pairs(cfg.sources, train_report, cfg.strict, seed)
-    if cfg.eval_sources:
-        eval_pairs = load_pairs(cfg.eval_sources, eval_report, cfg.strict, seed)
-    elif cfg.eval_fraction > 0:
-        flags = [is_heldout(pair_hash(p.chosen, p.rejected), cfg.eval_fraction) for p in pairs]
-        eval_pairs = [p for p, f in zip(pairs, flags) if f]
-        pairs = [p for p, f in zip(pairs, flags) if not f]
-    else:
-        eval_pairs = []
-    if not pairs:
-        files = [str(f) for src in cfg.sources for f in source_files(src)] or [src.path for src in cfg.sources]
-        raise UserError(f"no valid training pairs in {', '.join(files)}: "
-                        + (train_report.summary().replace("\n", "; ") or "no rows"))
-    train = tokenize_pairs(pairs, tokenizer, cfg, train_report)
-    ev = tokenize_pairs(eval_pairs, tokenizer, cfg, eval_report) if eval_pairs else None
-    report = {"train": train_report.as_dict(), "eval": eval_report.as_dict(),
-              "train_pairs": len(train), "eval_pairs": len(ev) if ev else 0}
-    if len(train) == 0:
-        raise UserError(f"every training pair was dropped as over-long (max_length={cfg.max_length}, "
-                        f"max_tokens={cfg.max_tokens}); raise them or use data.overlong=truncate_prompt_left")
     if use_cache:
-        tmp = root.with_name(root.name + ".tmp")
-        train.ds.save_to_disk(str(tmp / "train"))
-        if ev is not None:
-            ev.ds.save_to_disk(str(tmp / "eval"))
-        (tmp / "report.json").write_text(json.dumps(report, indent=1))
-        (tmp / "done.json").write_text("{}")
-        if root.exists():
-            import shutil
-
-            shutil.rmtree(root)
-        tmp.rename(root)
-        return prepare_data(cfg, tokenizer, seed, use_cache=True)  # memory-mapped from the cache
-    return PreparedData(train, ev, report)
+        root = cache_root(cfg, tokenizer, seed)
+        pipeline.prepare_cache(cfg, tokenizer, seed, root)
+        return pipeline.load_prepared(root)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "data"
+        out.mkdir()
+        pipeline.build_cache(cfg, tokenizer, seed, out)
+        return pipeline.load_prepared(out, in_memory=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -270,9 +190,11 @@ class StepSampler:
     def step_pairs(self, step: int) -> list[int]:
         """Pair indices of global step `step` (0-based). A function of (seed, step) only: resume is exact."""
         epoch, s = divmod(step, self.steps_per_epoch)
-        order = (np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs) if self.shuffle
-                 else np.arange(self.num_pairs))
-        return order[s * self.global_batch_pairs:(s + 1) * self.global_batch_pairs].tolist()
+        if getattr(self, "_epoch", None) != epoch:  # one permutation per epoch (8 bytes a pair), not one per step
+            self._order = (np.random.default_rng([self.seed, epoch]).permutation(self.num_pairs) if self.shuffle
+                           else np.arange(self.num_pairs))
+            self._epoch = epoch
+        return self._order[s * self.global_batch_pairs:(s + 1) * self.global_batch_pairs].tolist()
 
 
 def rank_micro_batches(data: TokenizedPairs, pair_indices: list[int], max_tokens: int, world_size: int, rank: int):

@@ -25,7 +25,8 @@ def parse_args(argv: list[str]):
 
 def main(argv: list[str] | None = None) -> int:
     """Config errors, and data errors (a strict-mode bad row, a missing or empty file, wrong columns), end in one
-    line on stderr from rank 0 and exit code 2; the other ranks exit quietly. `--debug` or BTRM_DEBUG=1 shows
+    line on stderr from rank 0 and exit code 2; the other ranks exit quietly (a rank waiting for rank 0's data
+    cache is stopped by the launcher when rank 0 exits). `--debug` or BTRM_DEBUG=1 shows
     the traceback instead."""
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or os.environ.get("BTRM_DEBUG", "") not in ("", "0")
@@ -36,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from btrm.cli import USER_ERRORS, one_line
-    from btrm.distributed import FailedOnMain
     from btrm.train.trainer import run
 
     def done(path):
@@ -48,8 +48,6 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(cfg, on_done=done)
-    except FailedOnMain:
-        return 2
     except USER_ERRORS as e:  # a data, config or setup mistake (e.g. QLoRA without CUDA): one line, no traceback
         if debug:
             raise

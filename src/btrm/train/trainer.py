@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -14,17 +15,16 @@ import torch
 
 import btrm
 from btrm import attention, calibration, lora
-from btrm.builtin import resolve_builtins
 from btrm.config import Config, dump_yaml, to_dict
-from btrm.data.dataset import PreparedData, StepSampler, TokenizedPairs, prepare_data, rank_micro_batches
+from btrm.data.dataset import PreparedData, StepSampler, TokenizedPairs, rank_micro_batches
 from btrm.data.packing import assign_to_ranks, best_fit_decreasing, collate_pairs, packing_efficiency
+from btrm.data.pipeline import prepare_for_training
 from btrm.data.sources import DataReport
 from btrm.distributed import setup_distributed
 from btrm.errors import UserError
 from btrm.flops import model_shape, non_embedding_params, peak_flops, train_flops
 from btrm.loss import build_objective
-from btrm.modeling import (enable_activation_checkpointing, ensure_pad_token, load_reward_model, packed_rewards,
-                           resolve_dtype)
+from btrm.modeling import enable_activation_checkpointing, load_reward_model, packed_rewards, resolve_dtype
 from btrm.train import checkpoint as ckpt
 from btrm.train.ds_config import build_ds_config
 from btrm.train.logger import build_logger
@@ -54,27 +54,23 @@ class RewardWrapper(torch.nn.Module):
 
 class Trainer:
     def __init__(self, cfg: Config):
-        from transformers import AutoTokenizer
-
         self.cfg = cfg
-        self.dist = setup_distributed()
-        d = self.dist
-        self.is_main = d.rank == 0
+        self.is_main = int(os.environ.get("RANK", 0)) == 0
         self.pbar = None
         logging.basicConfig(level=logging.INFO if self.is_main else logging.WARNING, format="%(message)s")
+        # --- data first, before the process group exists: tokenizing for hours must not keep any rank waiting in a
+        # collective (which would time out); a cache that `btrm data prepare` wrote is memory-mapped at once.
+        # self.cfg stays as written (built-ins unresolved): checkpoints save that
+        cfg, self.tokenizer, self.data = prepare_for_training(cfg)
+        self.dist = setup_distributed(cfg.deepspeed.timeout_s)
+        d = self.dist
+        self.is_main = d.rank == 0  # the launcher's RANK may only be set by init (MPI discovery)
         torch.manual_seed(cfg.train.seed)
         self.out = Path(cfg.train.output_dir)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_partial(self.out)
         d.barrier()
-        cfg = resolve_builtins(cfg, self.is_main, d.barrier)  # self.cfg stays as written: checkpoints save that
-
-        # --- tokenizer and data (rank 0 tokenizes and caches; the others then read the cache)
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path,
-                                                       trust_remote_code=cfg.model.trust_remote_code)
-        ensure_pad_token(self.tokenizer, cfg.model.pad_token, cfg.data.chat_template_kwargs)
-        self.data = d.main_first(lambda: prepare_data(cfg.data, self.tokenizer, cfg.train.seed))
         self.data_metrics = self._report_data(self.data)
         self.sampler = StepSampler(len(self.data.train), cfg.train.global_batch_pairs, cfg.train.seed,
                                    cfg.data.shuffle)

@@ -1,0 +1,443 @@
+"""Streaming data preparation: source files -> validate -> render -> tokenize -> split / weight -> on-disk cache.
+
+Every stage is an Arrow dataset on disk, so memory stays bounded whatever the number of pairs:
+  1. read     `Dataset.from_generator` streams raw rows of every source (pickled as read; jsonl lines unparsed)
+              to Arrow;
+  2. convert  one batched `map` (`num_proc` processes) validates, renders and tokenizes each row once, applies the
+              over-long policy and decides the held-out split by content hash; skipped rows stay as rows with their reason;
+  3. order    per-source counts and reasons come from column scans (so they merge across processes by
+              construction); source weights (repeat / subsample) and the held-out split are index arithmetic on
+              NumPy arrays (8 bytes per pair), never a Python list of pairs;
+  4. write    `select(indices)` + `save_to_disk`, plus `<split>_sizes.npy` and `<split>_chosen_len.npy` (tokens per
+              pair, and of its chosen side) that training memory-maps for the step sampler and the packing plans.
+The result (ids, order, report) equals the list-based `prepare_data` on the same data; tests/core/test_pipeline.py
+checks it. The cache directory is written under a file lock into `<key>.tmp` and renamed when complete, so two
+preparers never race and a run killed mid-way leaves nothing that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import pickle
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from btrm.config import DataConfig, SourceConfig
+from btrm.data.dataset import PreparedData, TokenizedPairs, cache_root, fit_pair, is_heldout, pair_hash
+from btrm.data.sources import (BadRow, DataReport, check_columns, iter_raw_rows, normalize_row, parse_row,
+                               source_files, source_name)
+from btrm.errors import UserError
+from btrm.render import render_many
+
+log = logging.getLogger(__name__)
+
+STATUS_SKIP = "skip"  # a row that failed validation (status column; ok | truncated | dropped | identical otherwise)
+IDENTICAL = "identical"  # responses that render to the same token ids: skipped as identical_responses
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 1: raw rows -> Arrow (lazily, one row at a time)
+
+
+def _raw_rows(shards: list[tuple[int, SourceConfig]]) -> Iterator[dict]:
+    # (index, source) pairs: datasets may split a list argument of the generator into shards
+    for k, src in shards:
+        for origin, row in iter_raw_rows(src, parse=False):  # jsonl lines are parsed in the workers
+            yield {"src": k, "origin": origin, "raw": pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 2: validate -> render -> tokenize -> over-long policy (batched, in num_proc processes)
+
+
+def _convert_batch(batch, sources, names, tokenizer, kwargs, max_length, max_tokens, policy, eval_fraction):
+    n = len(batch["src"])
+    out = {"margin": [None] * n, "source": [None] * n, "category": [None] * n, "chosen_ids": [[]] * n,
+           "rejected_ids": [[]] * n, "status": [STATUS_SKIP] * n, "num_tokens": [0] * n, "chosen_len": [0] * n,
+           "heldout": [False] * n, "skip_reason": [None] * n, "skip_field": [None] * n, "skip_detail": [None] * n}
+    keep, pairs = [], []
+    for i, (k, origin, raw) in enumerate(zip(batch["src"], batch["origin"], batch["raw"])):
+        try:
+            pair = normalize_row(parse_row(origin, pickle.loads(raw)), sources[k], origin, names[k])
+        except BadRow as err:
+            out["skip_reason"][i], out["skip_field"][i], out["skip_detail"][i] = err.reason, err.field, err.detail
+            continue
+        keep.append(i)
+        pairs.append(pair)
+        out["margin"][i], out["source"][i], out["category"][i] = pair.margin, pair.source, pair.category
+        if eval_fraction > 0:
+            out["heldout"][i] = is_heldout(pair_hash(pair.chosen, pair.rejected), eval_fraction)
+    ids_c = render_many(tokenizer, [p.chosen for p in pairs], kwargs)
+    ids_r = render_many(tokenizer, [p.rejected for p in pairs], kwargs)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token else None
+    for i, c, r in zip(keep, ids_c, ids_r):
+        # the raw texts differ (normalize_row checked), but the template may trim the difference away
+        c2, r2, status = (None, None, IDENTICAL) if c == r else fit_pair(c, r, max_length, max_tokens, policy, bos)
+        c2, r2 = c2 or [], r2 or []
+        out["chosen_ids"][i], out["rejected_ids"][i], out["status"][i] = c2, r2, status
+        out["num_tokens"][i], out["chosen_len"][i] = len(c2) + len(r2), len(c2)
+    return out
+
+
+def _features():
+    from datasets import Features, List, Value
+
+    return Features({"src": Value("int32"), "origin": Value("string"), "margin": Value("float64"),
+                     "source": Value("string"), "category": Value("string"), "chosen_ids": List(Value("int32")),
+                     "rejected_ids": List(Value("int32")), "status": Value("string"), "num_tokens": Value("int64"),
+                     "chosen_len": Value("int64"), "heldout": Value("bool"), "skip_reason": Value("string"),
+                     "skip_field": Value("string"), "skip_detail": Value("string")})
+
+
+def convert_sources(sources: list[SourceConfig], tokenizer, cfg: DataConfig, work: Path, eval_fraction: float,
+                    num_proc: int):
+    """One Arrow row per raw row of every source, validated and tokenized (stages 1 and 2)."""
+    from datasets import Dataset, Features, Value
+
+    raw = Dataset.from_generator(
+        _raw_rows, gen_kwargs={"shards": list(enumerate(sources))}, cache_dir=str(work / "read"),
+        features=Features({"src": Value("int32"), "origin": Value("string"), "raw": Value("binary")}))
+    names = [source_name(s) for s in sources]
+    nproc = num_proc if num_proc > 1 and len(raw) >= 1000 else None
+    return raw.map(_convert_batch, batched=True, batch_size=256, num_proc=nproc, remove_columns=["raw"],
+                   features=_features(), desc="validating and tokenizing pairs", load_from_cache_file=False,
+                   cache_file_name=str(work / "convert" / "pairs.arrow"),
+                   fn_kwargs=dict(sources=sources, names=names, tokenizer=tokenizer, kwargs=cfg.chat_template_kwargs,
+                                  max_length=cfg.max_length, max_tokens=cfg.max_tokens, policy=cfg.overlong,
+                                  eval_fraction=eval_fraction))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 3: reports, weights and the held-out split from column scans
+
+
+def _column(ds, name: str):
+    return ds.data.column(name)
+
+
+def _eq(ds, name: str, value: str) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    return pc.fill_null(pc.equal(_column(ds, name), value), False).to_numpy(zero_copy_only=False)
+
+
+def _first_order_counts(codes: np.ndarray, labels: list[str]) -> dict[str, int]:
+    """{label: count} in order of first appearance (the order a Counter filled row by row would have)."""
+    if len(codes) == 0:
+        return {}
+    uniq, first = np.unique(codes, return_index=True)
+    counts = np.bincount(codes, minlength=len(labels))
+    return {labels[u]: int(counts[u]) for u in uniq[np.argsort(first)]}
+
+
+def fill_source_report(ds, sources: list[SourceConfig], report: DataReport, strict: bool) -> None:
+    """read / kept / skipped per source and reason, and the first example of each reason (in row order)."""
+    names = [source_name(s) for s in sources]
+    src = _column(ds, "src").to_numpy()
+    skip = _eq(ds, "status", STATUS_SKIP)
+    skipped_rows = np.flatnonzero(skip)
+    if strict and len(skipped_rows):
+        first = ds[int(skipped_rows[0])]
+        raise BadRow(first["skip_reason"], first["skip_field"], first["skip_detail"], first["origin"])
+    read, kept = np.bincount(src, minlength=len(sources)), np.bincount(src[~skip], minlength=len(sources))
+    for k in range(len(sources)):
+        if read[k]:
+            report.read[names[k]] += int(read[k])
+        if kept[k]:
+            report.kept[names[k]] += int(kept[k])
+    # skipped rows are few: read their reasons in row order, in slices so memory stays bounded
+    for start in range(0, len(skipped_rows), 65536):
+        part = ds.select_columns(["src", "origin", "skip_reason", "skip_field", "skip_detail"])[
+            skipped_rows[start:start + 65536]]
+        for k, origin, reason, fld, detail in zip(part["src"], part["origin"], part["skip_reason"], part["skip_field"],
+                                                  part["skip_detail"]):
+            report.skip(names[k], BadRow(reason, fld, detail, origin))
+
+
+def sample_indices(n: int, k: int, seed: int) -> np.ndarray:
+    """sorted(random.Random(seed).sample(range(n), k)) as an int64 array, in O(n) bytes rather than Python objects.
+
+    Same draws as CPython's `random.sample` (3.11), which `sources.weighted_indices` uses: the pool variant for small
+    populations, the rejection variant (a bitmap here instead of a set) otherwise."""
+    rnd = random.Random(seed)
+    randbelow = rnd._randbelow
+    result = np.empty(k, dtype=np.int64)
+    setsize = 21
+    if k > 5:
+        setsize += 4 ** math.ceil(math.log(k * 3, 4))
+    if n <= setsize:
+        pool = np.arange(n, dtype=np.int64)
+        for i in range(k):
+            j = randbelow(n - i)
+            result[i] = pool[j]
+            pool[j] = pool[n - i - 1]
+    else:
+        selected = np.zeros(n, dtype=bool)
+        for i in range(k):
+            j = randbelow(n)
+            while selected[j]:
+                j = randbelow(n)
+            selected[j] = True
+            result[i] = j
+    result.sort()
+    return result
+
+
+def weighted_order(ds, sources: list[SourceConfig], seed: int) -> np.ndarray:
+    """Row indices of every kept pair, source by source, repeated / subsampled by the source weight (the order the
+    list-based loader produced)."""
+    src = _column(ds, "src").to_numpy()
+    kept = ~_eq(ds, "status", STATUS_SKIP)
+    parts = []
+    for k, s in enumerate(sources):
+        rows = np.flatnonzero(kept & (src == k))
+        if s.weight != 1.0:
+            whole, frac = int(s.weight), s.weight - int(s.weight)
+            idx = np.tile(np.arange(len(rows), dtype=np.int64), whole)
+            extra = round(frac * len(rows))
+            if extra:
+                idx = np.concatenate([idx, sample_indices(len(rows), extra, seed + k)])
+            rows = rows[idx]
+        parts.append(rows)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def tokenized_report(ds, order: np.ndarray, report: DataReport, strict: bool) -> np.ndarray:
+    """Count over-long handling, and pairs whose responses render to the same ids, per pair source over `order`
+    (a repeated pair counts again, as in the list it stands for); return the rows kept."""
+    import pyarrow.compute as pc
+
+    enc = pc.dictionary_encode(_column(ds, "source")).combine_chunks()
+    codes = pc.fill_null(enc.indices, 0).to_numpy(zero_copy_only=False)  # null = a skipped row, never in order
+    labels = enc.dictionary.to_pylist()
+    for status, counter in (("dropped", report.overlong_dropped), ("truncated", report.overlong_truncated)):
+        sel = _eq(ds, "status", status)[order]
+        for name, n in _first_order_counts(codes[order[sel]], labels).items():
+            counter[name] += n
+    identical = _eq(ds, "status", IDENTICAL)[order]
+    for row in order[identical].tolist():  # rare: row by row, in order, for the reasons' first example
+        src, origin = labels[codes[row]], _column(ds, "origin")[row].as_py()
+        err = BadRow("identical_responses", "rejected", "the same tokens as chosen once rendered", origin)
+        if strict:
+            raise err
+        report.skip(src, err)
+        report.kept[src] -= 1
+    return order[~(_eq(ds, "status", "dropped") | _eq(ds, "status", IDENTICAL))[order]]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stage 4: the cache directory
+
+
+FINAL_COLUMNS = ["margin", "source", "category", "origin", "chosen_ids", "rejected_ids", "status", "num_tokens",
+                 "chosen_len"]
+
+
+def write_split(ds, rows: np.ndarray, path: Path) -> int:
+    """The split's rows, in order, as a datasets directory, plus its per-pair token counts as .npy files that
+    training memory-maps: `<split>_sizes.npy` (chosen + rejected) and `<split>_chosen_len.npy`, int32."""
+    ds.select_columns(FINAL_COLUMNS).select(rows).save_to_disk(str(path))
+    for name, column in (("sizes", "num_tokens"), ("chosen_len", "chosen_len")):
+        np.save(path.with_name(f"{path.name}_{name}.npy"), _column(ds, column).to_numpy()[rows].astype(np.int32))
+    return len(rows)
+
+
+def build_cache(cfg: DataConfig, tokenizer, seed: int, out: Path, num_proc: int | None = None) -> dict:
+    """Prepare train (and eval) pairs into the empty directory `out`; returns the report."""
+    num_proc = cfg.num_proc if num_proc is None else num_proc
+    work = out / "work"
+    for src in cfg.sources + cfg.eval_sources:
+        check_columns(src)  # a parquet / arrow file without the pair columns is one error, not every row skipped
+    train_report, eval_report = DataReport(), DataReport()
+    split_by_hash = not cfg.eval_sources and cfg.eval_fraction > 0
+    train_ds = convert_sources(cfg.sources, tokenizer, cfg, work / "train", cfg.eval_fraction if split_by_hash else 0,
+                               num_proc)
+    fill_source_report(train_ds, cfg.sources, train_report, cfg.strict)
+    eval_ds = None
+    if cfg.eval_sources:
+        eval_ds = convert_sources(cfg.eval_sources, tokenizer, cfg, work / "eval", 0, num_proc)
+        fill_source_report(eval_ds, cfg.eval_sources, eval_report, cfg.strict)
+        eval_order = weighted_order(eval_ds, cfg.eval_sources, seed)
+    order = weighted_order(train_ds, cfg.sources, seed)
+    if split_by_hash:
+        held = _column(train_ds, "heldout").to_numpy(zero_copy_only=False)[order]
+        order, eval_order, eval_ds = order[~held], order[held], train_ds
+    if len(order) == 0:
+        files = [str(f) for src in cfg.sources for f in source_files(src)] or [src.path for src in cfg.sources]
+        raise UserError(f"no valid training pairs in {', '.join(files)}: "
+                        + (train_report.summary().replace("\n", "; ") or "no rows"))
+    train_rows = tokenized_report(train_ds, order, train_report, cfg.strict)
+    eval_rows = (tokenized_report(eval_ds, eval_order, eval_report, cfg.strict)
+                 if eval_ds is not None and len(eval_order) else None)
+    report = {"train": train_report.as_dict(), "eval": eval_report.as_dict(),
+              "train_pairs": len(train_rows), "eval_pairs": len(eval_rows) if eval_rows is not None else 0}
+    if len(train_rows) == 0:
+        raise UserError(f"every training pair was dropped as over-long (max_length={cfg.max_length}, "
+                         f"max_tokens={cfg.max_tokens}); raise them or use data.overlong=truncate_prompt_left")
+    write_split(train_ds, train_rows, out / "train")
+    if eval_rows is not None:
+        write_split(eval_ds, eval_rows, out / "eval")
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    del train_ds, eval_ds
+    shutil.rmtree(work)
+    return report
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, log_every_s: float = 60.0):
+    """Exclusive advisory lock on `path` (the kernel releases it if the holder dies); logs while it waits."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        t0, next_log = time.monotonic(), 0.0
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() - t0 >= next_log:
+                    log.info("waiting for %s: another process is preparing this data (%.0f s so far)", path,
+                             time.monotonic() - t0)
+                    next_log += log_every_s
+                time.sleep(0.5)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def prepare_cache(cfg: DataConfig, tokenizer, seed: int, root: Path, num_proc: int | None = None) -> bool:
+    """Make `root` a complete cache unless it is one already; True if this call built it.
+
+    Holds `<root>.lock` while building into `<root>.tmp`, so concurrent preparers (ranks, nodes sharing a file
+    system, a `btrm data prepare` next to a training run) build once; a `.tmp` left by a killed run is removed."""
+    if (root / "done.json").exists():
+        return False
+    with file_lock(root.with_name(root.name + ".lock")):
+        if (root / "done.json").exists():  # another process finished while we waited
+            return False
+        tmp = root.with_name(root.name + ".tmp")
+        if tmp.exists():
+            log.info("removing %s left by an interrupted run", tmp)
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        build_cache(cfg, tokenizer, seed, tmp, num_proc)
+        (tmp / "done.json").write_text("{}")
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    return True
+
+
+def load_prepared(root: Path, in_memory: bool = False):
+    """PreparedData memory-mapped from a complete cache directory (datasets and the .npy token counts), or read
+    into memory (a directory about to be deleted)."""
+    from datasets import load_from_disk
+
+    def split(name):
+        if not (root / name).exists():
+            return None
+        pairs = TokenizedPairs(load_from_disk(str(root / name), keep_in_memory=in_memory))
+        pairs._sizes, pairs._chosen_len = (np.load(root / f"{name}_{k}.npy", mmap_mode=None if in_memory else "r")
+                                           for k in ("sizes", "chosen_len"))
+        return pairs
+
+    return PreparedData(split("train"), split("eval"), json.loads((root / "report.json").read_text()))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# `btrm data prepare`
+
+
+def load_tokenizer(cfg):
+    """The tokenizer training renders with (pad token set as the trainer sets it: it is part of the cache key)."""
+    from transformers import AutoTokenizer
+
+    from btrm.modeling import ensure_pad_token
+
+    tok = AutoTokenizer.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    ensure_pad_token(tok, cfg.model.pad_token, cfg.data.chat_template_kwargs)
+    return tok
+
+
+def format_report(report: dict) -> str:
+    lines = [f"data: {report['train_pairs']:,} training pairs, {report['eval_pairs']:,} held-out pairs"]
+    for split in ("train", "eval"):
+        r = DataReport.from_dict(report[split])
+        lines += [f"  {split} {src}: read {n:,}, kept {r.kept[src]:,}" for src, n in r.read.items()]
+        lines += r.log_lines(split)
+    return "\n".join(lines)
+
+
+def prepare_command(config: str, overrides: list[str], num_proc: int | None) -> int:
+    from btrm.builtin import resolve_builtins
+    from btrm.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = resolve_builtins(load_config(config, overrides), True, lambda: None)
+    tok = load_tokenizer(cfg)
+    root = cache_root(cfg.data, tok, cfg.train.seed)
+    t0 = time.perf_counter()
+    built = prepare_cache(cfg.data, tok, cfg.train.seed, root, num_proc)
+    report = json.loads((root / "report.json").read_text())
+    print(format_report(report))
+    print(f"{'prepared' if built else 'already prepared'}: {root}" + (f" in {time.perf_counter() - t0:.0f} s"
+                                                                        if built else ""))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training: prepare before the process group exists
+
+
+def prepare_for_training(cfg):
+    """(config with built-ins resolved, tokenizer, PreparedData), called by every rank BEFORE the process group is
+    created, so however long tokenizing takes no collective is waiting on it.
+
+    Who prepares (data.cache_scope): `node` - the first local rank of each node; nodes that share a file system
+    build once, because `prepare_cache` holds the cache's lock (so a shared file system still has one preparer in
+    the world). `shared` - global rank 0 only, for file systems without `flock`. Every other rank polls the file
+    system for the finished cache (logging while it waits) and memory-maps it."""
+    from btrm.builtin import resolve_builtins
+
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    preparer = rank == 0 if cfg.data.cache_scope == "shared" else local_rank == 0
+    if preparer:
+        with file_lock(Path(cfg.data.cache_dir) / "builtin.lock"):
+            resolved = resolve_builtins(cfg, True, lambda: None)
+    else:  # same paths, built by the preparer: wait for them to appear
+        resolved = resolve_builtins(cfg, False, lambda: None)
+        built = [resolved.model.name_or_path] + [s.path for s in resolved.data.sources + resolved.data.eval_sources]
+        original = [cfg.model.name_or_path] + [s.path for s in cfg.data.sources + cfg.data.eval_sources]
+        for path in (Path(b) for b, o in zip(built, original) if b != o):
+            wait_for(path, "built-in")
+    tokenizer = load_tokenizer(resolved)
+    root = cache_root(resolved.data, tokenizer, resolved.train.seed)
+    if preparer:
+        t0 = time.perf_counter()
+        if prepare_cache(resolved.data, tokenizer, resolved.train.seed, root):
+            log.warning("tokenized data cached in %s (%.0f s)", root, time.perf_counter() - t0)
+    else:
+        wait_for(root / "done.json", "data cache", "prepared by " + ("global rank 0; if caches are node-local, set "
+                                                                     "data.cache_scope: node" if cfg.data.cache_scope
+                                                                     == "shared" else "local rank 0 of this node"))
+    return resolved, tokenizer, load_prepared(root)
+
+
+def wait_for(path: Path, what: str, who: str = "", poll_s: float = 0.5, log_every_s: float = 60.0) -> None:
+    """Block until `path` exists (written by another process). No collective is involved, so nothing times out."""
+    t0, next_log = time.monotonic(), log_every_s
+    while not path.exists():
+        if time.monotonic() - t0 >= next_log:
+            log.warning("waiting %.0f s for the %s %s%s", next_log, what, path, f" ({who})" if who else "")
+            next_log += log_every_s
+        time.sleep(poll_s)
