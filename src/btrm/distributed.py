@@ -20,8 +20,6 @@ import torch
 from btrm.cpu import retain_freed_memory, share_cpu_threads
 
 
-
-
 @dataclass
 class Dist:
     rank: int
