@@ -104,9 +104,14 @@ def convert_sources(sources: list[SourceConfig], tokenizer, cfg: DataConfig, wor
     """One Arrow row per raw row of every source, validated and tokenized (stages 1 and 2)."""
     from datasets import Dataset, Features, Value
 
-    raw = Dataset.from_generator(
-        _raw_rows, gen_kwargs={"shards": list(enumerate(sources))}, cache_dir=str(work / "read"),
-        features=Features({"src": Value("int32"), "origin": Value("string"), "raw": Value("binary")}))
+    features = Features({"src": Value("int32"), "origin": Value("string"), "raw": Value("binary")})
+    try:
+        raw = Dataset.from_generator(_raw_rows, gen_kwargs={"shards": list(enumerate(sources))},
+                                     cache_dir=str(work / "read"), features=features)
+    except ValueError as e:  # datasets builds no split from a generator that yields nothing (empty files)
+        if "corresponds to no data" not in str(e):
+            raise
+        return Dataset.from_dict({k: [] for k in _features()}, features=_features())
     names = [source_name(s) for s in sources]
     nproc = num_proc if num_proc > 1 and len(raw) >= 1000 else None
     return raw.map(_convert_batch, batched=True, batch_size=256, num_proc=nproc, remove_columns=["raw"],

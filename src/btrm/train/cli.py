@@ -49,9 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(cfg, on_done=done)
     except USER_ERRORS as e:  # a data, config or setup mistake (e.g. QLoRA without CUDA): one line, no traceback
+        if os.environ.get("RANK", "0") != "0":  # every rank may meet the same mistake: rank 0 reports it
+            return 2
         if debug:
             raise
-        if os.environ.get("RANK", "0") == "0":
-            print(f"train.py: error: {one_line(e)}", file=sys.stderr)
+        print(f"train.py: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
