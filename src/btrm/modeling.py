@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, AutoConfig, AutoModelForSequenceClassification
 from transformers.masking_utils import AttentionMaskInterface
 
+from btrm.prefix_attention import (LAYOUT_KWARG, segment_prefix_attention, torch_varlen_kernel,
+                                   varlen_prefix_attention)
 from btrm.render import render_ids
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,9 @@ def _segments(kwargs, total: int) -> list[int]:
 
 def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """query [1, Hq, T, D], key/value [1, Hkv, T, D] -> [1, T, Hq, D]; causal attention within each segment."""
+    if kwargs.get(LAYOUT_KWARG) is not None:
+        return segment_prefix_attention(query, key, value, kwargs[LAYOUT_KWARG], scaling,
+                                        dropout if module.training else 0.0), None
     if query.shape[0] != 1:
         raise ValueError("btrm_segment attention expects one packed row (batch size 1)")
     bounds = _segments(kwargs, query.shape[2])
@@ -61,6 +66,8 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     """PyTorch's native varlen flash kernel over a packed row (CUDA)."""
     from torch.nn.attention.varlen import varlen_attn
 
+    if kwargs.get(LAYOUT_KWARG) is not None:
+        return varlen_prefix_attention(query, key, value, kwargs[LAYOUT_KWARG], torch_varlen_kernel, scaling), None
     if query.shape[0] != 1:
         raise ValueError("btrm_varlen attention expects one packed row (batch size 1)")
     cu = kwargs.get("cu_seq_lens_q")

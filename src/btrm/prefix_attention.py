@@ -1,0 +1,128 @@
+"""Attention and the reward forward over shared-prefix rows (layout: `btrm.data.prefix`).
+
+The layout travels to the attention function the way `cu_seq_lens_q` does: as an extra keyword argument
+(`prefix_layout`) of the decoder's forward, which transformers passes through every layer to the attention
+interface. Backends:
+
+- segment (any device): per root, causal SDPA; per branch, SDPA of Bi's queries over [P; Bi]'s keys with a
+  bottom-right-aligned causal mask.
+- varlen kernels (CUDA): one varlen call over the roots, one over the branches with keys/values gathered as
+  [P; Bi] per branch. The kernel's causal mask must align bottom-right when a sequence has fewer queries than keys;
+  the flash kernel behind torch's `varlen_attn` does (its mask admits key j for query i iff
+  j <= i + seqlen_k - seqlen_q, per sequence), as does flash-attn >= 2.1. Gradients reach P through the gather.
+- sdpa / eager (reference): transformers' own functions with an explicit additive mask.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from btrm.data.prefix import PrefixLayout, PrefixRow
+
+LAYOUT_KWARG = "prefix_layout"
+
+# A causal varlen kernel: (q [Tq,H,D], k, v [Tk,Hkv,D], cu_q, cu_k, max_q, max_k, scale) -> [Tq,H,D], mask aligned
+# bottom-right per sequence.
+VarlenKernel = Callable[..., torch.Tensor]
+
+
+def bottom_right_causal(n_q: int, n_k: int, device) -> torch.Tensor:
+    """Bool [n_q, n_k]: query i (the i-th of the last n_q positions) sees keys 0 .. n_k - n_q + i."""
+    return torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril(n_k - n_q)
+
+
+def segment_prefix_attention(query, key, value, layout: PrefixLayout, scaling=None, dropout: float = 0.0):
+    """query [1, Hq, T, D], key/value [1, Hkv, T, D] -> [1, T, Hq, D] under the shared-prefix mask."""
+    if query.shape[0] != 1:
+        raise ValueError("shared-prefix attention expects one packed row (batch size 1)")
+    gqa = query.shape[1] != key.shape[1]
+    qs, ks, vs = (x.split(layout.lengths, dim=2) for x in (query, key, value))
+    outs = []
+    for s, (q, k, v) in enumerate(zip(qs, ks, vs)):
+        root = layout.parent[s]
+        if root < 0:
+            outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=dropout,
+                                                       enable_gqa=gqa))
+            continue
+        k, v = torch.cat([ks[root], k], dim=2), torch.cat([vs[root], v], dim=2)
+        mask = bottom_right_causal(q.shape[2], k.shape[2], q.device)
+        outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, dropout_p=dropout,
+                                                   enable_gqa=gqa))
+    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    return out.transpose(1, 2).contiguous()
+
+
+def varlen_prefix_attention(query, key, value, layout: PrefixLayout, kernel: VarlenKernel, scaling=None):
+    """query [1, Hq, T, D], key/value [1, Hkv, T, D] -> [1, T, Hq, D] with two varlen kernel calls."""
+    if query.shape[0] != 1:
+        raise ValueError("shared-prefix attention expects one packed row (batch size 1)")
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
+    ix = layout.varlen_index(q.device)
+    if ix.branch is None:  # nothing shared: the roots are the whole row, in order
+        return kernel(q, k, v, ix.cu_root, ix.cu_root, ix.max_root, ix.max_root, scaling)[None]
+    r = ix.root
+    out_root = kernel(q[r], k[r], v[r], ix.cu_root, ix.cu_root, ix.max_root, ix.max_root, scaling)
+    out_branch = kernel(q[ix.branch], k[ix.branch_kv], v[ix.branch_kv], ix.cu_branch_q, ix.cu_branch_k,
+                        ix.max_branch_q, ix.max_branch_k, scaling)
+    return torch.cat([out_root, out_branch]).index_select(0, ix.inverse)[None]
+
+
+def torch_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    """torch's `varlen_attn` (CUDA, fp16/bf16), causal; GQA flag only where this torch has one (2.13, not 2.11)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    gqa = {"enable_gqa": q.shape[1] != k.shape[1]} if _varlen_has_gqa() else {}
+    return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, max_q, max_k, scale=scale,
+                       window_size=(-1, 0), **gqa)
+
+
+def flash_attn_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    """The flash-attn package's varlen kernel (causal is bottom-right there since 2.1)."""
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True)
+
+
+def _varlen_has_gqa() -> bool:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reward forward
+
+
+SDPA_REFERENCE = ("sdpa", "eager")
+
+
+def prefix_rewards(model, row: PrefixRow, layout_aware: tuple[str, ...] | None = None) -> torch.Tensor:
+    """Rewards [n_seq] (float32, input order) of a shared-prefix row: one decoder pass, head at each end index.
+
+    `layout_aware`: attention implementations that read the `prefix_layout` keyword (default: btrm's segment and
+    varlen); sdpa and eager get an explicit mask; any other implementation would silently attend across branches,
+    so it raises.
+    """
+    from btrm.modeling import SEGMENT, VARLEN, decoder_of
+
+    layout_aware = layout_aware or (SEGMENT, VARLEN)
+
+    device = next(model.parameters()).device
+    impl = model.config._attn_implementation
+    kwargs = {}
+    if impl in SDPA_REFERENCE:
+        kwargs["attention_mask"] = row.layout.dense_mask(model.dtype, device)
+    elif impl in layout_aware:
+        kwargs["attention_mask"] = None
+        kwargs[LAYOUT_KWARG] = row.layout
+    else:
+        raise ValueError(f"attention implementation {impl!r} cannot share prompts; use one of "
+                         f"{sorted(layout_aware + SDPA_REFERENCE)} or turn prompt sharing off")
+    out = decoder_of(model)(input_ids=row.input_ids.to(device), position_ids=row.position_ids.to(device),
+                            use_cache=False, **kwargs)
+    ends = torch.tensor(row.layout.ends, dtype=torch.long, device=device)
+    return model.score(out.last_hidden_state[0].index_select(0, ends)).squeeze(-1).float()

@@ -1,0 +1,89 @@
+"""Shared-prefix layout: prefix length, positions, reward indices and the attention mask, against brute force."""
+
+import pytest
+import torch
+
+from btrm.data.prefix import common_prefix_len, item_tokens, pack_items, shared_prefix_len
+
+
+def test_shared_prefix_keeps_a_token_in_every_branch():
+    assert common_prefix_len([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_prefix_len([], [1]) == 0
+    assert shared_prefix_len([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert shared_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2  # identical: the last (reward) token stays a branch
+    assert shared_prefix_len([[1, 2, 3], [1, 2, 3, 4]]) == 2  # a prefix of another: its last token is kept
+    assert shared_prefix_len([[5], [5, 6]]) == 0
+    assert shared_prefix_len([[1, 2, 3]]) == 0  # a lone sequence shares nothing
+    assert shared_prefix_len([[7, 2], [1, 2]]) == 0
+    assert item_tokens([10, 12, 9], 6) == 6 + 4 + 6 + 3
+
+
+def brute_mask(items, share_min):
+    """Expected (row tokens, positions, allowed[T, T], ends) written from the definition, one token at a time."""
+    toks, pos, owner, ends = [], [], [], []  # owner: (item, branch or None for P, index in the sequence)
+    for it, seqs in enumerate(items):
+        p = shared_prefix_len(seqs)
+        p = p if p >= share_min else 0
+        for j in range(p):
+            toks.append(seqs[0][j]), pos.append(j), owner.append((it, None, j))
+        for b, s in enumerate(seqs):
+            for j in range(p, len(s)):
+                toks.append(s[j]), pos.append(j), owner.append((it, b, j))
+            ends.append(len(toks) - 1)
+    n = len(toks)
+    allowed = torch.zeros(n, n, dtype=torch.bool)
+    for q in range(n):
+        iq, bq, jq = owner[q]
+        for k in range(n):
+            ik, bk, jk = owner[k]
+            same_seq = iq == ik and (bk is None or bk == bq) and (bq is not None or bk is None)
+            allowed[q, k] = same_seq and jk <= jq
+    return toks, pos, allowed, ends
+
+
+ITEMS = [
+    [[1, 2, 3, 4, 5], [1, 2, 3, 6]],  # a pair sharing [1, 2, 3]
+    [[9, 8], [7, 8, 9]],  # nothing shared: two whole sequences
+    [[4, 4, 4, 1], [4, 4, 4, 2], [4, 4, 4, 3, 3]],  # best-of-3 with one-token branches
+    [[5, 6, 7]],  # a lone sequence
+    [[3, 3, 3, 3], [3, 3, 3, 3]],  # identical pair: P of 3, one-token branches
+]
+
+
+@pytest.mark.parametrize("share_min", [1, 4])
+def test_layout_matches_definition(share_min):
+    row = pack_items(ITEMS, min_prefix=share_min)
+    toks, pos, allowed, ends = brute_mask(ITEMS, share_min)
+    assert row.input_ids[0].tolist() == toks
+    assert row.position_ids[0].tolist() == pos
+    assert row.layout.ends == ends
+    assert row.unshared_tokens == sum(len(s) for seqs in ITEMS for s in seqs)
+    dense = row.layout.dense_mask(torch.float32, "cpu")[0, 0]
+    assert torch.equal(dense == 0, allowed)
+    # the varlen gathers describe the same mask: roots causal on themselves, branches bottom-right over [P; Bi]
+    ix = row.layout.varlen_index("cpu")
+    got = torch.zeros_like(allowed)
+    calls = [(ix.root, ix.root, ix.cu_root, ix.cu_root)]
+    if ix.branch is not None:
+        calls.append((ix.branch, ix.branch_kv, ix.cu_branch_q, ix.cu_branch_k))
+    for qi, ki, cq, ck in calls:
+        for a, b, c, d in zip(cq[:-1].tolist(), cq[1:].tolist(), ck[:-1].tolist(), ck[1:].tolist()):
+            sub = torch.ones(b - a, d - c, dtype=torch.bool).tril(d - c - (b - a))
+            for i in range(b - a):
+                got[qi[a + i], ki[c:d][sub[i]]] = True
+    assert torch.equal(got, allowed)
+    order = torch.cat([ix.root] + ([ix.branch] if ix.branch is not None else []))
+    if ix.inverse is not None:
+        assert torch.equal(order[ix.inverse], torch.arange(row.num_tokens))
+
+
+def test_unshared_row_is_plain_packing():
+    row = pack_items(ITEMS, share=False)
+    assert row.num_tokens == row.unshared_tokens
+    assert not row.layout.shared
+    assert row.layout.lengths == [len(s) for seqs in ITEMS for s in seqs]
+
+
+def test_empty_sequence_is_refused():
+    with pytest.raises(ValueError, match="empty"):
+        pack_items([[[1, 2], []]])
