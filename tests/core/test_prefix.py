@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from btrm.data.prefix import common_prefix_len, item_tokens, pack_items, shared_prefix_len
+from btrm.data.prefix import common_prefix_len, group_by_prefix, item_tokens, pack_items, shared_prefix_len
 
 
 def test_shared_prefix_keeps_a_token_in_every_branch():
@@ -78,7 +78,7 @@ def test_layout_matches_definition(share_min):
 
 
 def test_unshared_row_is_plain_packing():
-    row = pack_items(ITEMS, share=False)
+    row = pack_items(ITEMS, share=False, min_prefix=1)
     assert row.num_tokens == row.unshared_tokens
     assert not row.layout.shared
     assert row.layout.lengths == [len(s) for seqs in ITEMS for s in seqs]
@@ -87,3 +87,21 @@ def test_unshared_row_is_plain_packing():
 def test_empty_sequence_is_refused():
     with pytest.raises(ValueError, match="empty"):
         pack_items([[[1, 2], []]])
+
+
+def test_group_by_prefix_finds_prompts_and_respects_capacity():
+    header = list(range(100, 120))  # 20 tokens every sequence shares (a system header)
+    a = header + list(range(200, 240))  # prompt A (60 tokens)
+    b = header + list(range(300, 340))  # prompt B
+    seqs = [a + [1, 2], b + [5], a + [3], [7, 8, 9], b + [6, 6], a + [4, 4, 4], a + [1, 2]]
+    items = group_by_prefix(seqs, capacity=1000, min_prefix=16)
+    assert sorted(sorted(i) for i in items) == [[0, 2, 5, 6], [1, 4], [3]]
+    # the shared header alone (20 tokens) is not worth mixing prompts A and B: they stay separate items
+    for cap in (70, 100, 128):
+        items = group_by_prefix(seqs, capacity=cap, min_prefix=16)
+        assert sorted(i for item in items for i in item) == list(range(len(seqs)))
+        for item in items:
+            lens = [len(seqs[i]) for i in item]
+            p = shared_prefix_len([seqs[i] for i in item])
+            assert len(item) == 1 or item_tokens(lens, p) <= cap
+    assert sorted(group_by_prefix(seqs, capacity=1000, min_prefix=62)) == [[i] for i in range(7)]  # 0 and 6 share 61

@@ -119,7 +119,7 @@ def test_shared_rewards_and_gradients_match_hf(models, backend, monkeypatch):
     tok, ours, ref = models
     _set_backend(ours, backend, monkeypatch)
     rows = _rows(tok)
-    packed = [pack_items(r) for r in rows]
+    packed = [pack_items(r, min_prefix=1) for r in rows]
     assert all(p.num_tokens < p.unshared_tokens for p in packed)  # the prompts really are shared
     rewards = torch.cat([prefix_rewards(ours, p) for p in packed])
     loss = bt_loss(rewards[0::2], rewards[1::2])[0]
@@ -145,7 +145,7 @@ def test_shared_equals_unshared_row(models, backend, monkeypatch):
     grads, rewards = [], []
     for share in (True, False):
         ours.zero_grad()
-        r = torch.cat([prefix_rewards(ours, pack_items(row, share=share)) for row in rows])
+        r = torch.cat([prefix_rewards(ours, pack_items(row, share=share, min_prefix=1)) for row in rows])
         bt_loss(r[0::2], r[1::2])[0].backward()
         rewards.append(r.detach())
         grads.append({n: p.grad.clone() for n, p in ours.named_parameters()})
@@ -158,4 +158,4 @@ def test_unaware_backend_refuses_shared_rows(models):
     tok, ours, _ = models
     ours.config._attn_implementation = "flash_attention_2"  # would attend across branches: must raise, not run
     with pytest.raises(ValueError, match="cannot share prompts"):
-        prefix_rewards(ours, pack_items(_rows(tok)[0]))
+        prefix_rewards(ours, pack_items(_rows(tok)[0], min_prefix=1))

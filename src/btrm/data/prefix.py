@@ -46,6 +46,46 @@ def shared_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
     return max(p, 0)
 
 
+MIN_PREFIX = 16  # tokens: below this a shared prompt saves less than its extra attention segment costs
+
+
+def group_by_prefix(seqs: Sequence[Sequence[int]], capacity: int, min_prefix: int = MIN_PREFIX) -> list[list[int]]:
+    """Group sequences (indices into `seqs`) into items that share a prompt, each item at most `capacity` tokens.
+
+    For scoring, where nothing says which conversations answer the same prompt: sequences are sorted, and a run of
+    neighbours becomes one item while growing it does not lower the tokens it saves, unless a sequence shares so
+    much more with the next one that starting a new item saves more. Items of one sequence are packed whole.
+    """
+    order = sorted(range(len(seqs)), key=lambda i: list(seqs[i]))
+    lcp = [common_prefix_len(seqs[a], seqs[b]) for a, b in zip(order[:-1], order[1:])]
+    groups: list[list[int]] = []
+    p = 0
+    for k, i in enumerate(order):
+        if k:
+            q = min(p, lcp[k - 1], len(seqs[i]) - 1)
+            n = len(groups[-1])
+            # s shares much more with the next sequence: what starting an item with it gains beats what joining saves
+            closer_to_next = k < len(lcp) and lcp[k] - q > n * q
+            if q >= min_prefix and n * q >= (n - 1) * p and not closer_to_next:
+                groups[-1].append(i)
+                p = q
+                continue
+        groups.append([i])
+        p = len(seqs[i]) - 1
+    items = []
+    for g in groups:  # split items over the capacity; each part repeats the prompt
+        p = shared_prefix_len([seqs[i] for i in g]) if len(g) > 1 else 0
+        part, used = [], p
+        for i in g:
+            if part and used + len(seqs[i]) - p > capacity:
+                items.append(part)
+                part, used = [], p
+            part.append(i)
+            used += len(seqs[i]) - p
+        items.append(part)
+    return items
+
+
 def item_tokens(lengths: Sequence[int], prefix: int) -> int:
     """Tokens an item occupies in a packed row: P once, then each branch."""
     return prefix + sum(n - prefix for n in lengths)
@@ -149,7 +189,8 @@ class PrefixRow:
         return int(self.input_ids.shape[1])
 
 
-def pack_items(items: Sequence[Sequence[Sequence[int]]], share: bool = True, min_prefix: int = 1) -> PrefixRow:
+def pack_items(items: Sequence[Sequence[Sequence[int]]], share: bool = True,
+               min_prefix: int = MIN_PREFIX) -> PrefixRow:
     """Pack items (each a list of token sequences answering one prompt) into one row.
 
     Rewards come back in input order: item 0's sequences, then item 1's, ... An item shares its prompt when it has
