@@ -100,28 +100,27 @@ def _varlen_has_gqa() -> bool:
 SDPA_REFERENCE = ("sdpa", "eager")
 
 
-def prefix_rewards(model, row: PrefixRow, layout_aware: tuple[str, ...] | None = None) -> torch.Tensor:
-    """Rewards [n_seq] (float32, input order) of a shared-prefix row: one decoder pass, head at each end index.
+def sharing_mode(model) -> str | None:
+    """How `model`'s attention can take a shared-prefix row: "layout" (reads the `prefix_layout` keyword: btrm's
+    segment and varlen), "mask" (sdpa / eager, explicit mask) or None (any other function would silently attend
+    across branches)."""
+    from btrm.modeling import SEGMENT, VARLEN
 
-    `layout_aware`: attention implementations that read the `prefix_layout` keyword (default: btrm's segment and
-    varlen); sdpa and eager get an explicit mask; any other implementation would silently attend across branches,
-    so it raises.
-    """
-    from btrm.modeling import SEGMENT, VARLEN, decoder_of
+    impl = model.config._attn_implementation
+    return "layout" if impl in (SEGMENT, VARLEN) else "mask" if impl in SDPA_REFERENCE else None
 
-    layout_aware = layout_aware or (SEGMENT, VARLEN)
+
+def prefix_rewards(model, row: PrefixRow) -> torch.Tensor:
+    """Rewards [n_seq] (float32, input order) of a shared-prefix row: one decoder pass, head at each end index."""
+    from btrm.modeling import decoder_of
 
     device = next(model.parameters()).device
-    impl = model.config._attn_implementation
-    kwargs = {}
-    if impl in SDPA_REFERENCE:
-        kwargs["attention_mask"] = row.layout.dense_mask(model.dtype, device)
-    elif impl in layout_aware:
-        kwargs["attention_mask"] = None
-        kwargs[LAYOUT_KWARG] = row.layout
-    else:
-        raise ValueError(f"attention implementation {impl!r} cannot share prompts; use one of "
-                         f"{sorted(layout_aware + SDPA_REFERENCE)} or turn prompt sharing off")
+    mode = sharing_mode(model)
+    if mode is None:
+        raise ValueError(f"attention implementation {model.config._attn_implementation!r} cannot share prompts; "
+                         "use segment, varlen, sdpa or eager, or turn prompt sharing off")
+    kwargs = ({"attention_mask": row.layout.dense_mask(model.dtype, device)} if mode == "mask" else
+              {"attention_mask": None, LAYOUT_KWARG: row.layout})
     out = decoder_of(model)(input_ids=row.input_ids.to(device), position_ids=row.position_ids.to(device),
                             use_cache=False, **kwargs)
     ends = torch.tensor(row.layout.ends, dtype=torch.long, device=device)

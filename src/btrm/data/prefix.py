@@ -74,7 +74,7 @@ def group_by_prefix(seqs: Sequence[Sequence[int]], capacity: int, min_prefix: in
         p = len(seqs[i]) - 1
     items = []
     for g in groups:  # split items over the capacity; each part repeats the prompt
-        p = shared_prefix_len([seqs[i] for i in g]) if len(g) > 1 else 0
+        p = item_prefix([seqs[i] for i in g], min_prefix)
         part, used = [], p
         for i in g:
             if part and used + len(seqs[i]) - p > capacity:
@@ -84,6 +84,12 @@ def group_by_prefix(seqs: Sequence[Sequence[int]], capacity: int, min_prefix: in
             used += len(seqs[i]) - p
         items.append(part)
     return items
+
+
+def item_prefix(seqs: Sequence[Sequence[int]], min_prefix: int = MIN_PREFIX) -> int:
+    """P's length for an item as packed: its shared prefix, or 0 (packed whole) when shorter than `min_prefix`."""
+    p = shared_prefix_len(seqs)
+    return p if p >= min_prefix else 0
 
 
 def item_tokens(lengths: Sequence[int], prefix: int) -> int:
@@ -203,8 +209,8 @@ def pack_items(items: Sequence[Sequence[Sequence[int]]], share: bool = True,
         if any(len(s) == 0 for s in seqs):
             raise ValueError("cannot pack an empty sequence")
         unshared += sum(len(s) for s in seqs)
-        p = shared_prefix_len(seqs) if share else 0
-        if p >= min_prefix:
+        p = item_prefix(seqs, min_prefix) if share else 0
+        if p:
             root = len(lengths)
             ids.append(np.asarray(seqs[0][:p]))
             pos.append(np.arange(p))
@@ -212,12 +218,11 @@ def pack_items(items: Sequence[Sequence[Sequence[int]]], share: bool = True,
             parent.append(-1)
             offset += p
         for s in seqs:
-            k = p if p >= min_prefix else 0
-            n = len(s) - k
-            ids.append(np.asarray(s[k:]))
-            pos.append(np.arange(k, len(s)))
+            n = len(s) - p
+            ids.append(np.asarray(s[p:]))
+            pos.append(np.arange(p, len(s)))
             lengths.append(n)
-            parent.append(root if k else -1)
+            parent.append(root if p else -1)
             offset += n
             ends.append(offset - 1)
     input_ids = torch.tensor(np.concatenate(ids).astype(np.int64))[None]

@@ -4,8 +4,10 @@
     rm.score([[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]])
 
 Conversations go through the trainer's render function (chat template, one leading BOS string stripped, then
-tokenized), are sorted by length and packed into token-budget rows (one decoder pass per row, position_ids
-restarting per sequence), and the reward is read at each sequence's last token. Results come back in input order.
+tokenized), are packed into token-budget rows (one decoder pass per row, position_ids restarting per sequence), and
+the reward is read at each sequence's last token. Conversations of one call that share a prompt (best-of-N, pairs)
+have it encoded once (`btrm.data.prefix`); rewards are the same as without sharing. Results come back in input
+order.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import torch
 
 from btrm.data.dataset import common_prefix_len
 from btrm.data.packing import PackedBatch, best_fit_decreasing, pack_sequences
+from btrm.data.prefix import group_by_prefix, item_prefix, item_tokens, pack_items
 from btrm.modeling import check_pad_token, packed_rewards, resolve_attn_implementation, resolve_dtype
+from btrm.prefix_attention import prefix_rewards, sharing_mode
 from btrm.render import render_ids, render_text, tokenize_texts
 
 log = logging.getLogger(__name__)
@@ -66,7 +70,7 @@ class RewardModel:
     """A loaded reward model and its tokenizer. Build with `from_pretrained`."""
 
     def __init__(self, model, tokenizer, *, max_length: int, chat_template_kwargs: dict[str, Any] | None = None,
-                 batch_tokens: int = 16384, truncation: Literal["error", "left"] = "error"):
+                 batch_tokens: int = 16384, truncation: Literal["error", "left"] = "error", share_prompt: bool = True):
         if truncation not in ("error", "left"):
             raise ValueError(f"truncation={truncation!r}: expected 'error' or 'left'")
         self.model = model.eval()
@@ -76,18 +80,24 @@ class RewardModel:
         self.batch_tokens = int(batch_tokens)
         self.truncation = truncation
         self.device = next(model.parameters()).device
+        # encode a prompt shared by several conversations of a call once (where the attention backend can)
+        self.share_prompt = bool(share_prompt) and sharing_mode(model) is not None
+        # tokens the decoder ran on vs the tokens of the sequences scored, over this object's life
+        self.token_counts = {"forward": 0, "sequences": 0}
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | Path, device: str | torch.device | None = None,
                         dtype: str | torch.dtype = "auto", attn_implementation: str = "auto",
                         max_length: int | None = None, chat_template_kwargs: dict[str, Any] | None = None,
                         trust_remote_code: bool = False, batch_tokens: int = 16384,
-                        truncation: Literal["error", "left"] = "error") -> "RewardModel":
+                        truncation: Literal["error", "left"] = "error",
+                        share_prompt: bool = True) -> "RewardModel":
         """Load a one-label *ForSequenceClassification checkpoint (safetensors) and its tokenizer.
 
         chat_template_kwargs / max_length default to the checkpoint's `btrm_meta.json` when present; max_length
         otherwise is min(max_position_embeddings, 16384). attn_implementation "auto" packs without padding on
-        any device (segment SDPA on CPU, varlen / flash-attn on CUDA).
+        any device (segment SDPA on CPU, varlen / flash-attn on CUDA). share_prompt: encode a prompt that several
+        conversations of one call share once (not with flash_attention_2, which cannot take the layout).
         """
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -116,7 +126,7 @@ class RewardModel:
             max_length = meta.get("max_length") or min(
                 getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
         rm = cls(model, tokenizer, max_length=max_length, chat_template_kwargs=chat_template_kwargs,
-                 batch_tokens=batch_tokens, truncation=truncation)
+                 batch_tokens=batch_tokens, truncation=truncation, share_prompt=share_prompt)
         rm._check_checkpoint(config)
         return rm
 
@@ -199,6 +209,19 @@ class RewardModel:
         """Rewards of already-templated strings with the BOS stripped (what SGLang's /classify receives)."""
         return self.score_ids(self.encode_texts(texts), batch_tokens, progress)
 
+    def score_responses(self, prompt: Conversation, responses: Sequence[str | dict | Conversation],
+                        batch_tokens: int | None = None, progress: bool | None = None) -> list[float]:
+        """Best-of-N: rewards of several responses to one prompt (its messages), the prompt encoded once per row.
+
+        A response is the assistant's text, one message, or a list of messages that follow the prompt.
+        """
+        def turns(r) -> list[dict]:
+            if isinstance(r, str):
+                return [{"role": "assistant", "content": r}]
+            return [r] if isinstance(r, dict) else list(r)
+
+        return self.score([[*prompt, *turns(r)] for r in responses], batch_tokens, progress)
+
     def score_pairs(self, chosen: Sequence[Conversation], rejected: Sequence[Conversation],
                     batch_tokens: int | None = None, progress: bool | None = None) -> list[PairScore]:
         """Rewards of preference pairs and which side the model prefers."""
@@ -212,7 +235,8 @@ class RewardModel:
                   progress: bool | None = None) -> list[float]:
         """Rewards of token id lists (read at each list's last id), in input order.
 
-        Packed by best-fit decreasing into rows of at most `batch_tokens` tokens (a longer sequence gets a row of
+        Sequences sharing a prompt are grouped into items (the prompt once, then each continuation); items are
+        packed by best-fit decreasing into rows of at most `batch_tokens` tokens (a longer sequence gets a row of
         its own), one decoder pass per row.
         """
         if not seqs:
@@ -222,20 +246,28 @@ class RewardModel:
             if n == 0:
                 raise ValueError(f"input {i} tokenizes to nothing")
         capacity = max(batch_tokens or self.batch_tokens, max(sizes))
-        bins = best_fit_decreasing(sizes, capacity)
+        items = group_by_prefix(seqs, capacity) if self.share_prompt else [[i] for i in range(len(seqs))]
+        groups = [[seqs[i] for i in item] for item in items]
+        item_sizes = [item_tokens([len(s) for s in g], item_prefix(g)) for g in groups]
         show = len(seqs) > PROGRESS_MIN if progress is None else progress
         if show:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(seqs), desc="scoring", unit="conv")
         out = [0.0] * len(seqs)
-        for b in bins:
-            ids, pos, cu, max_len = pack_sequences([seqs[i] for i in b])
-            rewards = packed_rewards(self.model, PackedBatch(ids, pos, cu, max_len, torch.zeros(0))).tolist()
-            for i, r in zip(b, rewards):
+        for b in best_fit_decreasing(item_sizes, capacity):
+            row = pack_items([groups[j] for j in b])
+            if row.layout.shared:
+                rewards = prefix_rewards(self.model, row).tolist()
+            else:  # nothing shared in this row: the plain packed path, which every backend takes
+                ids, pos, cu, max_len = pack_sequences([s for j in b for s in groups[j]])
+                rewards = packed_rewards(self.model, PackedBatch(ids, pos, cu, max_len, torch.zeros(0))).tolist()
+            for i, r in zip((i for j in b for i in items[j]), rewards):
                 out[i] = r
+            self.token_counts["forward"] += row.num_tokens
+            self.token_counts["sequences"] += row.unshared_tokens
             if show:
-                bar.update(len(b))
+                bar.update(sum(len(items[j]) for j in b))
         if show:
             bar.close()
         return out
