@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,3 +50,62 @@ def test_mixed_call_in_input_order(rm_dirs):
     random.Random(0).shuffle(convs)
     assert rm.score(convs) == pytest.approx(plain.score(convs), abs=1e-5)
     assert rm.token_counts["forward"] < plain.token_counts["forward"]
+
+
+def test_btrm_score_same_with_sharing_off(rm_dirs, tmp_path, capsys):
+    from btrm.cli import main
+
+    rows = [{"id": i, "messages": PROMPT + [{"role": "assistant", "content": r}]}
+            for i, r in enumerate(RESPONSES[:4])]
+    rows += [{"chosen": PROMPT + [{"role": "assistant", "content": "rain"}],
+              "rejected": PROMPT + [{"role": "assistant", "content": "rain and trains"}]}]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    outs, reports = [], []
+    for extra in ([], ["--no-share-prompt"]):
+        out = tmp_path / f"out{len(extra)}.jsonl"
+        assert main(["score", "--model", str(rm_dirs["llama3"]), "--input", str(inp), "--output", str(out),
+                     *extra]) == 0
+        outs.append([json.loads(line) for line in out.read_text().splitlines()])
+        reports.append(re.search(r"decoder ran on ([\d,]+) tokens for ([\d,]+)", capsys.readouterr().out).groups())
+    for a, b in zip(*outs):
+        for k in ("reward", "chosen", "rejected"):
+            if k in a:
+                assert a[k] == pytest.approx(b[k], abs=1e-5)
+    (fwd_on, seq_on), (fwd_off, seq_off) = ([int(x.replace(",", "")) for x in r] for r in reports)
+    assert seq_on == seq_off == fwd_off and fwd_on < 0.6 * fwd_off
+
+
+def test_eval_harness_same_with_sharing_off(rm_dirs):
+    """RewardBench 2 best-of-4 rows: identical per-row results, fewer decoder tokens."""
+    from btrm.eval.harness import evaluate
+
+    data = Path(__file__).parents[1] / "eval" / "fixtures" / "rewardbench2.jsonl"
+
+    results, models = [], []
+    for share in (True, False):
+        rm = RewardModel.from_pretrained(rm_dirs["qwen3"], dtype="fp32", share_prompt=share)
+        results.append(evaluate(rm.score, "rewardbench2", str(data), progress=False))
+        models.append(rm)
+    a, b = results
+    assert a["overall"] == pytest.approx(b["overall"], abs=1e-5)
+    assert a["subsets"] == pytest.approx(b["subsets"], abs=1e-5)
+    assert {k: v for k, v in a.items() if k not in ("overall", "subsets")} == \
+        {k: v for k, v in b.items() if k not in ("overall", "subsets")}
+    assert models[0].token_counts["forward"] < models[1].token_counts["forward"] == models[1].token_counts["sequences"]
+
+
+def test_server_shares_prefixes_across_texts(servers, rm_dirs):
+    from infhelp import get_json, post
+
+    from btrm.render import render_text
+
+    plain = RewardModel.from_pretrained(rm_dirs["llama3"], share_prompt=False)
+    convs = [PROMPT + [{"role": "assistant", "content": r}] for r in RESPONSES[:4]]
+    texts = [render_text(plain.tokenizer, c) for c in convs]
+    before = get_json(servers["a"] + "/health")[1]["tokens"]
+    status, out = post(servers["a"] + "/classify", {"text": texts})
+    assert status == 200
+    assert [o["embedding"][0] for o in out] == pytest.approx(plain.score(convs), abs=1e-5)
+    after = get_json(servers["a"] + "/health")[1]["tokens"]
+    assert after["forward"] - before["forward"] < after["sequences"] - before["sequences"]

@@ -49,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-tokens", type=int, help="tokens packed into one forward (RewardModel default: 16384)")
     p.add_argument("--device", help="passed to RewardModel.from_pretrained (default: its own)")
     p.add_argument("--dtype", help="passed to RewardModel.from_pretrained (default: its own)")
+    p.add_argument("--no-share-prompt", action="store_true",
+                   help="encode every conversation whole (default: a prompt shared by a row's responses is encoded "
+                        "once; the scores are the same)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,6 +76,7 @@ def load_scorer(args: argparse.Namespace):
         args.model,
         # under "score" the model gets over-long conversations: cut their prompt from the left, as RewardBench does
         truncation="left" if args.over_length == "score" else "error",
+        share_prompt=not args.no_share_prompt,
         **{k: v for k, v in options.items() if v is not None},
     )
     retain_freed_memory(model.device)  # CPU: no page-faulting every batch's activations in again (btrm.cpu)
@@ -80,7 +84,14 @@ def load_scorer(args: argparse.Namespace):
     def length_fn(conversation):  # rendered exactly as RewardModel.score renders it
         return len(render_ids(model.tokenizer, conversation, model.chat_template_kwargs))
 
-    return model.score, length_fn, model.max_length
+    def score_fn(conversations):
+        before = dict(model.token_counts)
+        rewards = model.score(conversations)
+        logging.getLogger("btrm.eval").info("scored %d conversations: %s", len(conversations),
+                                            model.token_report(since=before))
+        return rewards
+
+    return score_fn, length_fn, model.max_length
 
 
 def _evaluate(args: argparse.Namespace, score_fn, length_fn, max_length: int) -> int:

@@ -49,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="over-long conversations: error, or cut the prompt from the left (the last turn stays whole)")
     p.add_argument("--chat-template-kwargs", type=json.loads, default=None,
                    help='JSON, e.g. \'{"date_string": "26 Jul 2024"}\' (default: the checkpoint\'s btrm_meta.json)')
+    p.add_argument("--no-share-prompt", action="store_true",
+                   help="encode every conversation whole (default: a prompt several rows share is encoded once)")
     p.add_argument("--skip-bad", action="store_true", help="write {row, error} for bad rows instead of stopping")
     p.add_argument("--trust-remote-code", action="store_true")
 
@@ -193,7 +195,8 @@ def score_file(args: argparse.Namespace) -> int:
     rm = RewardModel.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                      attn_implementation=args.attn_implementation, max_length=args.max_length,
                                      chat_template_kwargs=args.chat_template_kwargs, batch_tokens=args.batch_tokens,
-                                     truncation=args.truncation, trust_remote_code=args.trust_remote_code)
+                                     truncation=args.truncation, trust_remote_code=args.trust_remote_code,
+                                     share_prompt=not args.no_share_prompt)
     retain_freed_memory(rm.device)  # CPU: no page-faulting every batch's activations in again (btrm.cpu)
     name = Path(args.input).stem
     t0, new_rows = time.perf_counter(), 0
@@ -222,4 +225,5 @@ def score_file(args: argparse.Namespace) -> int:
     dt = time.perf_counter() - t0
     print(f"btrm score: wrote {new_rows} rows to {out_path} in {dt:.1f}s ({new_rows / max(dt, 1e-9):.1f} rows/s)")
     print(tally.report())
+    print(f"btrm score: {rm.token_report()}")
     return 0

@@ -272,6 +272,13 @@ class RewardModel:
             bar.close()
         return out
 
+    def token_report(self, since: dict[str, int] | None = None) -> str:
+        """Tokens the decoder ran on vs the scored sequences' own, since `since` (a copy of `token_counts`)."""
+        since = since or {}
+        fwd, seq = (self.token_counts[k] - since.get(k, 0) for k in ("forward", "sequences"))
+        return (f"decoder ran on {fwd:,} tokens for {seq:,} sequence tokens "
+                f"({1 - fwd / max(seq, 1):.1%} saved by shared prompts)")
+
     def __repr__(self) -> str:
         return (f"RewardModel({type(self.model).__name__}, device={self.device}, max_length={self.max_length}, "
                 f"chat_template_kwargs={self.chat_template_kwargs})")

@@ -239,8 +239,8 @@ class Handler(BaseHTTPRequestHandler):
         loaded = self.server.batcher is not None
         if path == "/health":
             b = self.server.batcher
-            self._send(200 if loaded else 503, {"status": "ok", "requests": b.requests, "rounds": b.rounds}
-                       if loaded else {"status": "loading"})
+            self._send(200 if loaded else 503, {"status": "ok", "requests": b.requests, "rounds": b.rounds,
+                                                "tokens": dict(b.rm.token_counts)} if loaded else {"status": "loading"})
         elif path == "/v1/models":
             self._send(200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model",
                                                          "owned_by": "btrm"}]})
@@ -338,6 +338,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-texts", type=int, default=4096, help="most texts in one request")
     p.add_argument("--max-body-bytes", type=int, default=64 << 20, help="largest request body")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may wait for the model")
+    p.add_argument("--no-share-prompt", action="store_true",
+                   help="encode every text whole (default: a prefix several queued texts share is encoded once)")
     p.add_argument("--trust-remote-code", action="store_true")
 
 
@@ -359,7 +361,8 @@ def run(args: argparse.Namespace) -> int:
         # Texts arrive templated: the chat template (and its kwargs) is the client's business.
         rm = RewardModel.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                          attn_implementation=args.attn_implementation, max_length=args.max_length,
-                                         trust_remote_code=args.trust_remote_code, batch_tokens=args.max_batch_tokens)
+                                         trust_remote_code=args.trust_remote_code, batch_tokens=args.max_batch_tokens,
+                                         share_prompt=not args.no_share_prompt)
         retain_freed_memory(rm.device)  # CPU: no page-faulting every batch's activations in again (btrm.cpu)
         batcher = Batcher(rm, args.max_batch_tokens).start()
         httpd.ready(rm, batcher)
