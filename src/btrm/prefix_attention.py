@@ -4,8 +4,9 @@ The layout travels to the attention function the way `cu_seq_lens_q` does: as an
 (`prefix_layout`) of the decoder's forward, which transformers passes through every layer to the attention
 interface. Backends:
 
-- segment (any device): per root, causal SDPA; per branch, SDPA of Bi's queries over [P; Bi]'s keys with a
-  bottom-right-aligned causal mask.
+- segment (any device): per root, causal SDPA; per branch, Bi's queries over [P; Bi]'s keys with a
+  bottom-right-aligned causal mask. On CPU that is two flash calls (all of P; causal Bi) merged by log-sum-exp,
+  which skips the masked half of Bi x Bi; elsewhere one masked SDPA call.
 - varlen kernels (CUDA): one varlen call over the roots, one over the branches with keys/values gathered as
   [P; Bi] per branch. The kernel's causal mask must align bottom-right when a sequence has fewer queries than keys;
   the flash kernel behind torch's `varlen_attn` does (its mask admits key j for query i iff
@@ -35,6 +36,42 @@ def bottom_right_causal(n_q: int, n_k: int, device) -> torch.Tensor:
     return torch.ones(n_q, n_k, dtype=torch.bool, device=device).tril(n_k - n_q)
 
 
+class _BranchAttention(torch.autograd.Function):
+    """A branch's queries over [P; Bi] on CPU: flash over P (no mask) plus causal flash over Bi, merged by their
+    log-sum-exps. One masked call over [P; Bi] would also compute the masked half of Bi x Bi. The backward runs
+    each part's flash backward with the merged output and log-sum-exp, which gives the exact gradients of the
+    whole (the identity ring attention uses)."""
+
+    @staticmethod
+    def forward(ctx, q, kp, vp, kb, vb, scale):
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        o1, l1 = flash(q, kp, vp, 0.0, False, scale=scale)
+        o2, l2 = flash(q, kb, vb, 0.0, True, scale=scale)
+        lse = torch.logaddexp(l1, l2)
+        out = (o1.float() * (l1 - lse).exp().unsqueeze(-1) + o2.float() * (l2 - lse).exp().unsqueeze(-1)).to(q.dtype)
+        ctx.save_for_backward(q, kp, vp, kb, vb, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, kp, vp, kb, vb, out, lse = ctx.saved_tensors
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        grad = grad.contiguous()
+        dq1, dkp, dvp = backward(grad, q, kp, vp, out, lse, 0.0, False, scale=ctx.scale)
+        dq2, dkb, dvb = backward(grad, q, kb, vb, out, lse, 0.0, True, scale=ctx.scale)
+        return dq1 + dq2, dkp, dvp, dkb, dvb, None
+
+
+def _branch_attention(q, kp, vp, kb, vb, scaling, dropout, gqa):
+    if q.device.type == "cpu" and not dropout and hasattr(torch.ops.aten,
+                                                          "_scaled_dot_product_flash_attention_for_cpu"):
+        return _BranchAttention.apply(q, kp, vp, kb, vb, scaling)
+    k, v = torch.cat([kp, kb], dim=2), torch.cat([vp, vb], dim=2)
+    mask = bottom_right_causal(q.shape[2], k.shape[2], q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, dropout_p=dropout, enable_gqa=gqa)
+
+
 def segment_prefix_attention(query, key, value, layout: PrefixLayout, scaling=None, dropout: float = 0.0):
     """query [1, Hq, T, D], key/value [1, Hkv, T, D] -> [1, T, Hq, D] under the shared-prefix mask."""
     if query.shape[0] != 1:
@@ -48,10 +85,7 @@ def segment_prefix_attention(query, key, value, layout: PrefixLayout, scaling=No
             outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=dropout,
                                                        enable_gqa=gqa))
             continue
-        k, v = torch.cat([ks[root], k], dim=2), torch.cat([vs[root], v], dim=2)
-        mask = bottom_right_causal(q.shape[2], k.shape[2], q.device)
-        outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, dropout_p=dropout,
-                                                   enable_gqa=gqa))
+        outs.append(_branch_attention(q, ks[root], vs[root], k, v, scaling, dropout, gqa))
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     return out.transpose(1, 2).contiguous()
 
