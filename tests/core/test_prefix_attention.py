@@ -159,3 +159,23 @@ def test_unaware_backend_refuses_shared_rows(models):
     ours.config._attn_implementation = "flash_attention_2"  # would attend across branches: must raise, not run
     with pytest.raises(ValueError, match="cannot share prompts"):
         prefix_rewards(ours, pack_items(_rows(tok)[0], min_prefix=1))
+
+
+@pytest.mark.parametrize("p,b", [(7, 1), (3, 9), (16, 16)])
+def test_cpu_branch_merge_equals_one_masked_call(p, b):
+    """The CPU path (flash over P + causal flash over Bi, merged by log-sum-exp) against one masked SDPA call."""
+    from btrm.prefix_attention import _branch_attention, bottom_right_causal
+
+    g = torch.Generator().manual_seed(p + b)
+    q = torch.randn(1, 4, b, 8, generator=g, requires_grad=True)
+    kp, vp = (torch.randn(1, 2, p, 8, generator=g, requires_grad=True) for _ in range(2))
+    kb, vb = (torch.randn(1, 2, b, 8, generator=g, requires_grad=True) for _ in range(2))
+    got = _branch_attention(q, kp, vp, kb, vb, None, 0.0, True)
+    want = F.scaled_dot_product_attention(q, torch.cat([kp, kb], 2), torch.cat([vp, vb], 2), enable_gqa=True,
+                                          attn_mask=bottom_right_causal(b, p + b, "cpu"))
+    w = torch.randn(want.shape, generator=g)
+    grads = torch.autograd.grad((got * w).sum(), (q, kp, vp, kb, vb))
+    ref = torch.autograd.grad((want * w).sum(), (q, kp, vp, kb, vb))
+    assert (got - want).abs().max().item() <= 1e-5
+    for a, r in zip(grads, ref):
+        assert (a - r).abs().max().item() <= 1e-5
