@@ -32,7 +32,6 @@ from btrm.data.prefix import pack_items
 from btrm.inference.scorer import RewardModel
 from btrm.loss import bt_loss
 from btrm.modeling import SEGMENT, packed_rewards
-from btrm.prefix_attention import prefix_rewards
 from btrm.tiny import build_tiny_model
 
 
@@ -114,14 +113,14 @@ def main() -> None:
             return run
 
         t = best_alternating({"plain": step(lambda: packed_rewards(model, plain_batch)),
-                              "shared": step(lambda: prefix_rewards(model, shared_row))}, args.repeats)
-        report("training fwd+bwd, pairs", share, shared_row.unshared_tokens, shared_row.num_tokens, t)
+                              "shared": step(lambda: packed_rewards(model, shared_row))}, args.repeats)
+        report("training fwd+bwd, pairs", share, shared_row.prefix.sequence_tokens, shared_row.num_tokens, t)
 
         seqs = [s for item in items for s in item]
         with torch.inference_mode():
             t = best_alternating({"plain": lambda: rm_plain.score_ids(seqs),
                                   "shared": lambda: rm_shared.score_ids(seqs)}, args.repeats)
-        report("scoring fwd, pairs", share, shared_row.unshared_tokens, shared_row.num_tokens, t)
+        report("scoring fwd, pairs", share, shared_row.prefix.sequence_tokens, shared_row.num_tokens, t)
 
     items = make_items(1, args.best_of, args.seq_len, args.best_of_share, vocab, seed=7)
     seqs = items[0]
@@ -130,7 +129,7 @@ def main() -> None:
         t = best_alternating({"plain": lambda: rm_plain.score_ids(seqs),
                               "shared": lambda: rm_shared.score_ids(seqs)}, args.repeats)
     row = pack_items(items)
-    report(f"scoring fwd, best-of-{args.best_of}", args.best_of_share, row.unshared_tokens, row.num_tokens, t)
+    report(f"scoring fwd, best-of-{args.best_of}", args.best_of_share, row.prefix.sequence_tokens, row.num_tokens, t)
     got, want = rm_shared.score_ids(seqs), rm_plain.score_ids(seqs)
     print(f"max |shared - plain| reward over the best-of-{args.best_of} group: "
           f"{max(abs(a - b) for a, b in zip(got, want)):.2e}; load average at end {os.getloadavg()[0]:.1f}")

@@ -90,6 +90,11 @@ class DataConfig:
     """Processes for tokenization (datasets.map)."""
     cache_dir: str = ".cache/btrm"
     """Tokenized-data cache, keyed by tokenizer, template, files and settings."""
+    share_prompt: bool = True
+    """Pack the prompt a pair's chosen and rejected share once, both responses continuing from it: fewer tokens,
+    the same rewards, loss and gradients. Needs the segment, varlen, sdpa or eager attention (flash_attention_2
+    packs pairs whole). The token budget `max_tokens` counts the prompt once; which pairs are over-long does not
+    change."""
     shuffle_window: int = 512
     """Pairs considered together by best-fit-decreasing packing."""
     shuffle: bool = True

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, AutoConfig, AutoModelForSequenceClassification
 from transformers.masking_utils import AttentionMaskInterface
 
-from btrm.prefix_attention import (LAYOUT_KWARG, segment_prefix_attention, torch_varlen_kernel,
+from btrm.prefix_attention import (LAYOUT_KWARG, prefix_rewards, segment_prefix_attention, torch_varlen_kernel,
                                    varlen_prefix_attention)
 from btrm.render import render_ids
 
@@ -240,6 +240,8 @@ def decoder_of(model):
 
 def packed_rewards(model, batch) -> torch.Tensor:
     """Rewards [n_seq] (float32) for a PackedBatch: one decoder pass over the row, head at each end index."""
+    if batch.prefix is not None:
+        return prefix_rewards(model, batch.input_ids, batch.position_ids, batch.prefix)
     device = next(model.parameters()).device
     out = decoder_of(model)(
         input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device), attention_mask=None,

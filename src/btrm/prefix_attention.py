@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from btrm.data.prefix import PrefixLayout, PrefixRow
+from btrm.data.prefix import PrefixLayout
 
 LAYOUT_KWARG = "prefix_layout"
 
@@ -144,7 +144,7 @@ def sharing_mode(model) -> str | None:
     return "layout" if impl in (SEGMENT, VARLEN) else "mask" if impl in SDPA_REFERENCE else None
 
 
-def prefix_rewards(model, row: PrefixRow) -> torch.Tensor:
+def prefix_rewards(model, input_ids: torch.Tensor, position_ids: torch.Tensor, layout: PrefixLayout) -> torch.Tensor:
     """Rewards [n_seq] (float32, input order) of a shared-prefix row: one decoder pass, head at each end index."""
     from btrm.modeling import decoder_of
 
@@ -153,9 +153,9 @@ def prefix_rewards(model, row: PrefixRow) -> torch.Tensor:
     if mode is None:
         raise ValueError(f"attention implementation {model.config._attn_implementation!r} cannot share prompts; "
                          "use segment, varlen, sdpa or eager, or turn prompt sharing off")
-    kwargs = ({"attention_mask": row.layout.dense_mask(model.dtype, device)} if mode == "mask" else
-              {"attention_mask": None, LAYOUT_KWARG: row.layout})
-    out = decoder_of(model)(input_ids=row.input_ids.to(device), position_ids=row.position_ids.to(device),
-                            use_cache=False, **kwargs)
-    ends = torch.tensor(row.layout.ends, dtype=torch.long, device=device)
+    kwargs = ({"attention_mask": layout.dense_mask(model.dtype, device)} if mode == "mask" else
+              {"attention_mask": None, LAYOUT_KWARG: layout})
+    out = decoder_of(model)(input_ids=input_ids.to(device), position_ids=position_ids.to(device), use_cache=False,
+                            **kwargs)
+    ends = torch.tensor(layout.ends, dtype=torch.long, device=device)
     return model.score(out.last_hidden_state[0].index_select(0, ends)).squeeze(-1).float()

@@ -56,12 +56,12 @@ def test_layout_matches_definition(share_min):
     toks, pos, allowed, ends = brute_mask(ITEMS, share_min)
     assert row.input_ids[0].tolist() == toks
     assert row.position_ids[0].tolist() == pos
-    assert row.layout.ends == ends
-    assert row.unshared_tokens == sum(len(s) for seqs in ITEMS for s in seqs)
-    dense = row.layout.dense_mask(torch.float32, "cpu")[0, 0]
+    assert row.prefix.ends == ends
+    assert row.prefix.sequence_tokens == sum(len(s) for seqs in ITEMS for s in seqs)
+    dense = row.prefix.dense_mask(torch.float32, "cpu")[0, 0]
     assert torch.equal(dense == 0, allowed)
     # the varlen gathers describe the same mask: roots causal on themselves, branches bottom-right over [P; Bi]
-    ix = row.layout.varlen_index("cpu")
+    ix = row.prefix.varlen_index("cpu")
     got = torch.zeros_like(allowed)
     calls = [(ix.root, ix.root, ix.cu_root, ix.cu_root)]
     if ix.branch is not None:
@@ -79,9 +79,9 @@ def test_layout_matches_definition(share_min):
 
 def test_unshared_row_is_plain_packing():
     row = pack_items(ITEMS, share=False, min_prefix=1)
-    assert row.num_tokens == row.unshared_tokens
-    assert not row.layout.shared
-    assert row.layout.lengths == [len(s) for seqs in ITEMS for s in seqs]
+    assert row.num_tokens == row.prefix.sequence_tokens
+    assert not row.prefix.shared
+    assert row.prefix.lengths == [len(s) for seqs in ITEMS for s in seqs]
 
 
 def test_empty_sequence_is_refused():
@@ -105,3 +105,34 @@ def test_group_by_prefix_finds_prompts_and_respects_capacity():
             p = shared_prefix_len([seqs[i] for i in item])
             assert len(item) == 1 or item_tokens(lens, p) <= cap
     assert sorted(group_by_prefix(seqs, capacity=1000, min_prefix=62)) == [[i] for i in range(7)]  # 0 and 6 share 61
+
+
+def test_tokenized_pairs_record_prompt_length(tmp_path, tiny_llama_dir):
+    """The cache holds each pair's shared prefix; the budget counts it once; a shared batch holds the same pairs."""
+    from transformers import AutoTokenizer
+
+    from btrm.config import DataConfig, SourceConfig
+    from btrm.data.dataset import prepare_data, rank_micro_batches
+    from btrm.modeling import ensure_pad_token
+    from btrm.tiny import write_preference_jsonl
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ensure_pad_token(tok)
+    f = write_preference_jsonl(tmp_path / "d.jsonl", 40)
+    data = prepare_data(DataConfig(sources=[SourceConfig(path=str(f))], cache_dir=str(tmp_path / "c")), tok).train
+    ds = data.ds
+    for i in range(len(data)):
+        assert data.prefix_lengths[i] == shared_prefix_len([ds[i]["chosen_ids"], ds[i]["rejected_ids"]]) > 16
+    assert (data.packed_sizes(True) == data.sizes - data.prefix_lengths).all()
+    assert (data.packed_sizes(False) == data.sizes).all()
+    pairs = list(range(0, 40, 3))
+    for share in (False, True):
+        micro, plan, sizes = rank_micro_batches(data, pairs, 600, 2, 1, share)
+        for batch, mb in zip(micro, plan[1]):
+            assert batch.num_tokens == sum(sizes[i] for i in mb) <= 600
+            assert batch.pair_ids == [pairs[i] for i in mb]
+            assert (batch.prefix is not None) == share
+            ends = batch.ends.tolist()
+            for k, p in enumerate(batch.pair_ids):  # the reward tokens are the pair's last tokens
+                assert batch.input_ids[0, ends[2 * k]] == ds[p]["chosen_ids"][-1]
+                assert batch.input_ids[0, ends[2 * k + 1]] == ds[p]["rejected_ids"][-1]

@@ -13,8 +13,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from btrm.data.prefix import pack_items
 from btrm.loss import bt_loss
-from btrm.modeling import SEGMENT, VARLEN, ensure_pad_token, load_reward_model
-from btrm.prefix_attention import prefix_rewards
+from btrm.modeling import SEGMENT, VARLEN, ensure_pad_token, load_reward_model, packed_rewards
 from btrm.render import render_ids
 
 
@@ -120,8 +119,8 @@ def test_shared_rewards_and_gradients_match_hf(models, backend, monkeypatch):
     _set_backend(ours, backend, monkeypatch)
     rows = _rows(tok)
     packed = [pack_items(r, min_prefix=1) for r in rows]
-    assert all(p.num_tokens < p.unshared_tokens for p in packed)  # the prompts really are shared
-    rewards = torch.cat([prefix_rewards(ours, p) for p in packed])
+    assert all(p.num_tokens < p.prefix.sequence_tokens for p in packed)  # the prompts really are shared
+    rewards = torch.cat([packed_rewards(ours, p) for p in packed])
     loss = bt_loss(rewards[0::2], rewards[1::2])[0]
     loss.backward()
 
@@ -145,7 +144,7 @@ def test_shared_equals_unshared_row(models, backend, monkeypatch):
     grads, rewards = [], []
     for share in (True, False):
         ours.zero_grad()
-        r = torch.cat([prefix_rewards(ours, pack_items(row, share=share, min_prefix=1)) for row in rows])
+        r = torch.cat([packed_rewards(ours, pack_items(row, share=share, min_prefix=1)) for row in rows])
         bt_loss(r[0::2], r[1::2])[0].backward()
         rewards.append(r.detach())
         grads.append({n: p.grad.clone() for n, p in ours.named_parameters()})
@@ -158,7 +157,7 @@ def test_unaware_backend_refuses_shared_rows(models):
     tok, ours, _ = models
     ours.config._attn_implementation = "flash_attention_2"  # would attend across branches: must raise, not run
     with pytest.raises(ValueError, match="cannot share prompts"):
-        prefix_rewards(ours, pack_items(_rows(tok)[0], min_prefix=1))
+        packed_rewards(ours, pack_items(_rows(tok)[0], min_prefix=1))
 
 
 @pytest.mark.parametrize("p,b", [(7, 1), (3, 9), (16, 16)])

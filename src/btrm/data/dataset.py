@@ -16,24 +16,17 @@ import numpy as np
 from btrm.config import DataConfig, SourceConfig
 from btrm.data.packing import collate_pairs, plan_step
 from btrm.data.pairs import Pair
+from btrm.data.prefix import MIN_PREFIX, common_prefix_len, pack_items, shared_prefix_len
 from btrm.data.sources import DataReport, load_pairs, source_files
 from btrm.render import render_text, tokenize_texts
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when tokenization or the cache layout changes
+CACHE_VERSION = 2  # bump when tokenization or the cache layout changes (2: prefix_len)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Over-long policy
-
-
-def common_prefix_len(a, b) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def fit_pair(c: list[int], r: list[int], max_length: int, max_tokens: int, policy: str, bos_id: int | None):
@@ -87,13 +80,30 @@ class TokenizedPairs:
             self._chosen_len = np.asarray(self.ds["chosen_len"], dtype=np.int64)
         return self._chosen_len
 
+    @property
+    def prefix_lengths(self) -> np.ndarray:
+        """Tokens chosen and rejected share from the start (at least one left in each)."""
+        if not hasattr(self, "_prefix_len"):
+            self._prefix_len = np.asarray(self.ds["prefix_len"], dtype=np.int64)
+        return self._prefix_len
+
+    def packed_sizes(self, share: bool) -> np.ndarray:
+        """Tokens each pair takes in a packed row: chosen + rejected, less the prompt when it is packed once."""
+        if not share:
+            return self.sizes
+        p = self.prefix_lengths
+        return self.sizes - np.where(p >= MIN_PREFIX, p, 0)
+
     def seq_lengths(self, i: int) -> tuple[int, int]:
         c = int(self.chosen_lengths[i])
         return c, int(self.sizes[i]) - c
 
-    def batch(self, indices: list[int]):
-        """PackedBatch of these pairs, in this order."""
+    def batch(self, indices: list[int], share: bool = False):
+        """PackedBatch of these pairs, in this order; with `share`, each pair's prompt packed once."""
         rows = self.ds[indices] if indices else {k: [] for k in self.ds.column_names}
+        if share and indices:
+            return pack_items(list(zip(rows["chosen_ids"], rows["rejected_ids"])), pair_ids=list(indices),
+                              margins=rows["margin"], sources=rows["source"], categories=rows["category"])
         return collate_pairs(rows["chosen_ids"], rows["rejected_ids"], pair_ids=list(indices),
                              margins=rows["margin"], sources=rows["source"], categories=rows["category"])
 
@@ -103,7 +113,7 @@ def _tokenize_batch(batch, tokenizer, kwargs, max_length, max_tokens, policy):
     texts_r = [render_text(tokenizer, json.loads(m), kwargs) for m in batch["rejected"]]
     ids_c, ids_r = tokenize_texts(tokenizer, texts_c), tokenize_texts(tokenizer, texts_r)
     bos = tokenizer.bos_token_id if tokenizer.bos_token else None
-    out = {"chosen_ids": [], "rejected_ids": [], "status": [], "num_tokens": [], "chosen_len": []}
+    out = {"chosen_ids": [], "rejected_ids": [], "status": [], "num_tokens": [], "chosen_len": [], "prefix_len": []}
     for c, r in zip(ids_c, ids_r):
         c2, r2, status = fit_pair(c, r, max_length, max_tokens, policy, bos)
         out["chosen_ids"].append(c2 or [])
@@ -111,6 +121,7 @@ def _tokenize_batch(batch, tokenizer, kwargs, max_length, max_tokens, policy):
         out["status"].append(status)
         out["num_tokens"].append(len(c2 or []) + len(r2 or []))
         out["chosen_len"].append(len(c2 or []))
+        out["prefix_len"].append(shared_prefix_len([c2, r2]) if c2 else 0)
     return out
 
 
@@ -249,8 +260,10 @@ class StepSampler:
         return order[s * self.global_batch_pairs:(s + 1) * self.global_batch_pairs].tolist()
 
 
-def rank_micro_batches(data: TokenizedPairs, pair_indices: list[int], max_tokens: int, world_size: int, rank: int):
-    """This rank's packed micro-batches for one step (every rank computes the same plan)."""
-    sizes = data.sizes[pair_indices].tolist()
+def rank_micro_batches(data: TokenizedPairs, pair_indices: list[int], max_tokens: int, world_size: int, rank: int,
+                       share: bool = False):
+    """This rank's packed micro-batches for one step (every rank computes the same plan); `sizes` are the tokens
+    each pair takes in its row (its prompt counted once under `share`)."""
+    sizes = data.packed_sizes(share)[pair_indices].tolist()
     plan = plan_step(sizes, max_tokens, world_size)
-    return [data.batch([pair_indices[i] for i in mb]) for mb in plan[rank]], plan, sizes
+    return [data.batch([pair_indices[i] for i in mb], share) for mb in plan[rank]], plan, sizes

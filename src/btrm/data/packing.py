@@ -11,10 +11,13 @@ from __future__ import annotations
 import bisect
 import heapq
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from btrm.data.prefix import PrefixLayout
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -132,7 +135,11 @@ def pack_windows(pair_sizes: Sequence[int], capacity: int, window: int) -> list[
 
 @dataclass
 class PackedBatch:
-    """One packed row. Sequences 2k and 2k+1 are the chosen and rejected of pair k."""
+    """One packed row. Sequences 2k and 2k+1 are the chosen and rejected of pair k.
+
+    With `prefix` set (`btrm.data.prefix.pack_items`), each item's shared prompt is in the row once: `cu_seqlens`
+    then bounds the row's segments (prompts and branches) and `prefix` says who attends to what.
+    """
 
     input_ids: torch.Tensor  # [1, T] long
     position_ids: torch.Tensor  # [1, T] long, restarting at 0 per sequence
@@ -142,6 +149,7 @@ class PackedBatch:
     pair_ids: list[int] = field(default_factory=list)  # dataset indices of the pairs
     sources: list[str] = field(default_factory=list)
     categories: list[str | None] = field(default_factory=list)
+    prefix: PrefixLayout | None = None  # shared-prefix layout, None when every sequence is packed whole
 
     @property
     def n_pairs(self) -> int:
@@ -150,6 +158,8 @@ class PackedBatch:
     @property
     def ends(self) -> torch.Tensor:
         """Index of each sequence's last token in the row (where its reward is read)."""
+        if self.prefix is not None:
+            return torch.tensor(self.prefix.ends, dtype=torch.long, device=self.cu_seqlens.device)
         return self.cu_seqlens[1:].long() - 1
 
     @property
@@ -161,7 +171,8 @@ class PackedBatch:
 
     def to(self, device) -> "PackedBatch":
         return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.cu_seqlens.to(device),
-                           self.max_seqlen, self.margins.to(device), self.pair_ids, self.sources, self.categories)
+                           self.max_seqlen, self.margins.to(device), self.pair_ids, self.sources, self.categories,
+                           self.prefix)
 
 
 def pack_sequences(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

@@ -13,7 +13,7 @@ leaves at least one token in every branch, so a sequence's last token, where its
 
 A packed row is a list of *segments* in row order. A root segment (a prompt P, or a sequence packed without
 sharing) attends causally to itself; a branch segment attends to its root, then causally to itself. The
-attention functions in `btrm.prefix_attention` read this layout; see docs/design.md.
+attention functions in `btrm.prefix_attention` read this layout.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
+
+from btrm.data.packing import PackedBatch
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -125,6 +127,7 @@ class PrefixLayout:
     lengths: list[int]  # tokens per segment, in row order
     parent: list[int]  # per segment: index of the root segment a branch attends to, -1 for a root
     ends: list[int]  # per sequence (in input order): row index of its last token
+    sequence_tokens: int  # tokens of the sequences themselves (what the row takes packed without sharing)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -181,27 +184,14 @@ class PrefixLayout:
         return mask[None, None].to(device)
 
 
-@dataclass
-class PrefixRow:
-    """One packed row with its shared-prefix layout."""
-
-    input_ids: torch.Tensor  # [1, T] long
-    position_ids: torch.Tensor  # [1, T] long: P at 0..p-1, each branch continuing at p..
-    layout: PrefixLayout
-    unshared_tokens: int  # tokens the same sequences take packed without sharing
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.input_ids.shape[1])
-
-
-def pack_items(items: Sequence[Sequence[Sequence[int]]], share: bool = True,
-               min_prefix: int = MIN_PREFIX) -> PrefixRow:
-    """Pack items (each a list of token sequences answering one prompt) into one row.
+def pack_items(items: Sequence[Sequence[Sequence[int]]], share: bool = True, min_prefix: int = MIN_PREFIX, *,
+               pair_ids=None, margins=None, sources=None, categories=None) -> PackedBatch:
+    """Pack items (each a list of token sequences answering one prompt) into one row with its prefix layout.
 
     Rewards come back in input order: item 0's sequences, then item 1's, ... An item shares its prompt when it has
     >= 2 sequences and a shared prefix of >= `min_prefix` tokens; otherwise its sequences are packed whole, so plain
-    pairs and shared items mix in one row.
+    pairs and shared items mix in one row. `pair_ids`, `margins`, `sources`, `categories`: per item, as in
+    `collate_pairs` (training packs pairs as items of two).
     """
     ids, pos, lengths, parent, ends = [], [], [], [], []
     offset = unshared = 0
@@ -225,6 +215,11 @@ def pack_items(items: Sequence[Sequence[Sequence[int]]], share: bool = True,
             parent.append(root if p else -1)
             offset += n
             ends.append(offset - 1)
-    input_ids = torch.tensor(np.concatenate(ids).astype(np.int64))[None]
-    position_ids = torch.tensor(np.concatenate(pos).astype(np.int64))[None]
-    return PrefixRow(input_ids, position_ids, PrefixLayout(lengths, parent, ends), unshared)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(np.cumsum(lengths), dtype=torch.int32)
+    n = len(items)
+    m = torch.tensor([0.0 if v is None else float(v) for v in (margins or [None] * n)], dtype=torch.float32)
+    return PackedBatch(torch.tensor(np.concatenate(ids).astype(np.int64))[None],
+                       torch.tensor(np.concatenate(pos).astype(np.int64))[None], cu, max(lengths), m,
+                       list(pair_ids if pair_ids is not None else range(n)), list(sources or ["default"] * n),
+                       list(categories or [None] * n), prefix=PrefixLayout(lengths, parent, ends, unshared))

@@ -20,11 +20,10 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from btrm.data.dataset import common_prefix_len
-from btrm.data.packing import PackedBatch, best_fit_decreasing, pack_sequences
-from btrm.data.prefix import group_by_prefix, item_prefix, item_tokens, pack_items
+from btrm.data.packing import best_fit_decreasing
+from btrm.data.prefix import common_prefix_len, group_by_prefix, item_prefix, item_tokens, pack_items
 from btrm.modeling import check_pad_token, packed_rewards, resolve_attn_implementation, resolve_dtype
-from btrm.prefix_attention import prefix_rewards, sharing_mode
+from btrm.prefix_attention import sharing_mode
 from btrm.render import render_ids, render_text, tokenize_texts
 
 log = logging.getLogger(__name__)
@@ -256,16 +255,14 @@ class RewardModel:
             bar = tqdm(total=len(seqs), desc="scoring", unit="conv")
         out = [0.0] * len(seqs)
         for b in best_fit_decreasing(item_sizes, capacity):
-            row = pack_items([groups[j] for j in b])
-            if row.layout.shared:
-                rewards = prefix_rewards(self.model, row).tolist()
-            else:  # nothing shared in this row: the plain packed path, which every backend takes
-                ids, pos, cu, max_len = pack_sequences([s for j in b for s in groups[j]])
-                rewards = packed_rewards(self.model, PackedBatch(ids, pos, cu, max_len, torch.zeros(0))).tolist()
+            batch = pack_items([groups[j] for j in b])
+            if not batch.prefix.shared:  # nothing shared in this row: the plain packed path, which every backend takes
+                batch.prefix = None
+            rewards = packed_rewards(self.model, batch).tolist()
             for i, r in zip((i for j in b for i in items[j]), rewards):
                 out[i] = r
-            self.token_counts["forward"] += row.num_tokens
-            self.token_counts["sequences"] += row.unshared_tokens
+            self.token_counts["forward"] += batch.num_tokens
+            self.token_counts["sequences"] += sum(len(s) for j in b for s in groups[j])
             if show:
                 bar.update(sum(len(items[j]) for j in b))
         if show:

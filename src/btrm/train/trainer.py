@@ -23,6 +23,7 @@ from btrm.data.dataset import PreparedData, StepSampler, TokenizedPairs, prepare
 from btrm.data.packing import assign_to_ranks, best_fit_decreasing, collate_pairs, packing_efficiency
 from btrm.flops import model_shape, non_embedding_params, peak_flops, train_flops
 from btrm.loss import bt_loss, finalize_metrics
+from btrm.prefix_attention import sharing_mode
 from btrm.modeling import (enable_activation_checkpointing, ensure_pad_token, load_reward_model, packed_rewards,
                            resolve_attn_implementation, resolve_dtype)
 from btrm.train import checkpoint as ckpt
@@ -192,6 +193,10 @@ class Trainer:
             enable_activation_checkpointing(rm)
         rm.config.use_cache = False
         self.rm = rm
+        # the prompt of a pair once per row, where the attention backend can take the layout
+        self.share = cfg.data.share_prompt and sharing_mode(rm) is not None
+        if cfg.data.share_prompt and not self.share and self.is_main:
+            log.warning("data.share_prompt: attention %s cannot take a shared prompt; pairs are packed whole", attn)
         self.n_params = non_embedding_params(rm)
         self.shape = model_shape(rm.config)
         wrapper = RewardWrapper(rm)
@@ -266,7 +271,8 @@ class Trainer:
         cfg, d, engine = self.cfg, self.dist, self.engine
         t0 = time.perf_counter()
         pairs = self.sampler.step_pairs(step)
-        micro, plan, sizes = rank_micro_batches(self.data.train, pairs, cfg.data.max_tokens, d.world_size, d.rank)
+        micro, plan, sizes = rank_micro_batches(self.data.train, pairs, cfg.data.max_tokens, d.world_size, d.rank,
+                                                self.share)
         # Each pair weighs 1/N of the step: sum of per-pair losses / global pair count. DeepSpeed averages the
         # gradients over ranks, so scale by world_size to turn its mean back into a sum.
         scale = d.world_size / len(pairs)
@@ -286,13 +292,15 @@ class Trainer:
         metrics = finalize_metrics(total)
         dt = time.perf_counter() - t0
         bins = [b for rank_bins in plan for b in rank_bins]
-        tokens = sum(sizes)
+        tokens = int(self.data.train.sizes[pairs].sum())  # the sequences' own tokens, shared prompts or not
+        # MFU counts the FLOPs of the sequences themselves, so a shared prompt raises it like a faster kernel would
         seg = [n for p in pairs for n in self.data.train.seq_lengths(p)] if self.peak else []
         metrics.update(
             lr=self.scheduler.get_last_lr()[0] if self.scheduler else cfg.optim.lr,
             grad_norm=_float(engine.get_global_grad_norm()),
             pairs_per_s=len(pairs) / dt, tokens_per_s=tokens / dt, step_time_s=dt,
             packing=packing_efficiency(bins, sizes, cfg.data.max_tokens),
+            prompt_tokens_saved=1.0 - sum(sizes) / max(tokens, 1),  # share of the tokens not run, by sharing prompts
             micro_steps=len(micro), epoch=step / self.sampler.steps_per_epoch)
         if self.peak:
             metrics["mfu"] = train_flops(self.n_params, *self.shape, seg) / dt / (self.peak * d.world_size)
@@ -321,13 +329,13 @@ class Trainer:
         if ev is None or len(ev) == 0:
             return {}
         cfg, d = self.cfg, self.dist
-        sizes = ev.sizes.tolist()
+        sizes = ev.packed_sizes(self.share).tolist()
         plan = assign_to_ranks(best_fit_decreasing(sizes, cfg.data.max_tokens), sizes, d.world_size)
         self.engine.eval()
         sums: dict[str, float] = {}
         groups: dict[str, list[float]] = {}
         for mb in plan[d.rank]:
-            batch = ev.batch(mb)
+            batch = ev.batch(mb, self.share)
             if batch.n_pairs == 0:
                 self._loss(batch)
                 continue
