@@ -178,3 +178,22 @@ def test_cpu_branch_merge_equals_one_masked_call(p, b):
     assert (got - want).abs().max().item() <= 1e-5
     for a, r in zip(grads, ref):
         assert (a - r).abs().max().item() <= 1e-5
+
+
+def test_activation_checkpointing_keeps_the_layout(models):
+    """The layout keyword survives transformers' per-layer recomputation: same gradients with checkpointing on."""
+    from btrm.modeling import enable_activation_checkpointing
+
+    tok, ours, _ = models
+    batch = pack_items(_rows(tok)[1], min_prefix=1)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            enable_activation_checkpointing(ours)
+        ours.train()
+        ours.zero_grad()
+        r = packed_rewards(ours, batch)
+        bt_loss(r[0::2], r[1::2])[0].backward()
+        grads.append({n: p.grad.clone() for n, p in ours.named_parameters()})
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], rtol=1e-5, atol=1e-7), name
