@@ -10,7 +10,9 @@ interface. Backends:
 - varlen kernels (CUDA): one varlen call over the roots, one over the branches with keys/values gathered as
   [P; Bi] per branch. The kernel's causal mask must align bottom-right when a sequence has fewer queries than keys;
   the flash kernel behind torch's `varlen_attn` does (its mask admits key j for query i iff
-  j <= i + seqlen_k - seqlen_q, per sequence), as does flash-attn >= 2.1. Gradients reach P through the gather.
+  j <= i + seqlen_k - seqlen_q, per sequence: aten/src/ATen/native/transformers/cuda/flash_attn/mask.h, and
+  flash_api.cpp turns causal off when max_seqlen_q is 1, which is only equivalent bottom-right). Gradients
+  reach P through the gather.
 - sdpa / eager (reference): transformers' own functions with an explicit additive mask.
 """
 
@@ -112,13 +114,6 @@ def torch_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     gqa = {"enable_gqa": q.shape[1] != k.shape[1]} if _varlen_has_gqa() else {}
     return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, max_q, max_k, scale=scale,
                        window_size=(-1, 0), **gqa)
-
-
-def flash_attn_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):
-    """The flash-attn package's varlen kernel (causal is bottom-right there since 2.1)."""
-    from flash_attn import flash_attn_varlen_func
-
-    return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True)
 
 
 def _varlen_has_gqa() -> bool:
