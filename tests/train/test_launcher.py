@@ -55,9 +55,14 @@ def test_two_rank_step_equals_unpacked_reference(tmp_path, tiny_llama_dir, stage
     # --- the update under SGD equals -LR * the reference gradient, parameter by parameter
     w1 = load_file(ckpt / "model.safetensors")
     assert set(w1) >= {"score.weight", "model.embed_tokens.weight"}
+    # Tolerance relative to each tensor's largest gradient: an element that sums many cancelling contributions
+    # (an embedding row of a frequent token) carries fp32 summation-order noise far above its own magnitude's 1e-4
+    # (seen: 2.6e-4 of the element, 3e-5 of the tensor's max, on an AMD EPYC), while a packing or weighting bug
+    # moves whole tensors by a large fraction of their scale.
     for name, g in grads.items():
         got = (w0[name] - w1[name].float()) / LR
-        assert torch.allclose(got, g, rtol=1e-4, atol=1e-7), (name, (got - g).abs().max().item())
+        err = (got - g).abs().max().item()
+        assert err <= 1e-4 * g.abs().max().item() + 1e-9, (name, err, g.abs().max().item())
 
     # --- the saved checkpoint loads with plain transformers and gives the rewards the trainer saw in memory
     model = AutoModelForSequenceClassification.from_pretrained(ckpt)
