@@ -48,7 +48,9 @@ def shared_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
     return max(p, 0)
 
 
-MIN_PREFIX = 16  # tokens: below this a shared prompt saves less than its extra attention segment costs
+# tokens: a shorter shared prefix stays in each sequence; saving a few tokens is not worth an extra attention
+# segment per item (a judgement, not a measured break-even)
+MIN_PREFIX = 16
 
 
 def group_by_prefix(seqs: Sequence[Sequence[int]], capacity: int, min_prefix: int = MIN_PREFIX) -> list[list[int]]:
@@ -66,7 +68,7 @@ def group_by_prefix(seqs: Sequence[Sequence[int]], capacity: int, min_prefix: in
         if k:
             q = min(p, lcp[k - 1], len(seqs[i]) - 1)
             n = len(groups[-1])
-            # s shares much more with the next sequence: what starting an item with it gains beats what joining saves
+            # this sequence shares much more with the next one: starting an item with it saves more than joining
             closer_to_next = k < len(lcp) and lcp[k] - q > n * q
             if q >= min_prefix and n * q >= (n - 1) * p and not closer_to_next:
                 groups[-1].append(i)
