@@ -186,15 +186,11 @@ class PrefixLayout:
         return mask[None, None].to(device)
 
 
-def pack_items(items: Sequence[Sequence[Sequence[int]]], share: bool = True, min_prefix: int = MIN_PREFIX, *,
-               pair_ids=None, margins=None, sources=None, categories=None) -> PackedBatch:
-    """Pack items (each a list of token sequences answering one prompt) into one row with its prefix layout.
-
-    Rewards come back in input order: item 0's sequences, then item 1's, ... An item shares its prompt when it has
-    >= 2 sequences and a shared prefix of >= `min_prefix` tokens; otherwise its sequences are packed whole, so plain
-    pairs and shared items mix in one row. `pair_ids`, `margins`, `sources`, `categories`: per item, as in
-    `collate_pairs` (training packs pairs as items of two).
-    """
+def shared_row(items: Sequence[Sequence[Sequence[int]]], share: bool = True, min_prefix: int = MIN_PREFIX):
+    """One row of items, each item's shared prompt once: (input_ids [1, T], position_ids [1, T], segment bounds
+    cu [n_seg + 1] int32, longest segment, PrefixLayout). Items whose prompt is shorter than `min_prefix` (or that
+    have one sequence) are packed whole, so plain pairs and shared items mix in one row; `share=False` packs
+    every sequence whole."""
     ids, pos, lengths, parent, ends = [], [], [], [], []
     offset = unshared = 0
     for seqs in items:
@@ -219,9 +215,21 @@ def pack_items(items: Sequence[Sequence[Sequence[int]]], share: bool = True, min
             ends.append(offset - 1)
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(np.cumsum(lengths), dtype=torch.int32)
+    return (torch.tensor(np.concatenate(ids).astype(np.int64))[None],
+            torch.tensor(np.concatenate(pos).astype(np.int64))[None], cu, max(lengths),
+            PrefixLayout(lengths, parent, ends, unshared))
+
+
+def pack_items(items: Sequence[Sequence[Sequence[int]]], share: bool = True, min_prefix: int = MIN_PREFIX, *,
+               pair_ids=None, margins=None, sources=None, categories=None) -> PackedBatch:
+    """Pack items (each a list of token sequences answering one prompt) into one row with its prefix layout.
+
+    Rewards come back in input order: item 0's sequences, then item 1's, ... `share=False` packs every sequence
+    whole. `pair_ids`, `margins`, `sources`, `categories`: per item, as in `collate_pairs` (training packs pairs as
+    items of two).
+    """
+    input_ids, position_ids, cu, max_len, layout = shared_row(items, share, min_prefix)
     n = len(items)
     m = torch.tensor([0.0 if v is None else float(v) for v in (margins or [None] * n)], dtype=torch.float32)
-    return PackedBatch(torch.tensor(np.concatenate(ids).astype(np.int64))[None],
-                       torch.tensor(np.concatenate(pos).astype(np.int64))[None], cu, max(lengths), m,
-                       list(pair_ids if pair_ids is not None else range(n)), list(sources or ["default"] * n),
-                       list(categories or [None] * n), prefix=PrefixLayout(lengths, parent, ends, unshared))
+    return PackedBatch(input_ids, position_ids, cu, max_len, m, list(pair_ids if pair_ids is not None else range(n)),
+                       list(sources or ["default"] * n), list(categories or [None] * n), prefix=layout)
