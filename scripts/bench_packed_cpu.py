@@ -17,9 +17,10 @@ import time
 
 import torch
 
+from btrm.attention import SEGMENT
 from btrm.cpu import retain_freed_memory
 from btrm.data.packing import pack_sequences
-from btrm.modeling import SEGMENT, decoder_of
+from btrm.modeling import decoder_of
 from btrm.tiny import build_tiny_model
 
 

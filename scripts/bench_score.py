@@ -24,7 +24,6 @@ All methods run with the allocator setting `btrm score` uses on CPU (`btrm.cpu.r
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import tempfile
@@ -41,14 +40,11 @@ WORDS = ("the a of to and in is it that for on with as was at by this from or be
 
 
 def make_conversations(n: int, seed: int) -> list[list[dict]]:
+    from btrm.tiny import lognormal_text
+
     rng = np.random.default_rng(seed)
-
-    def text(median: float, sigma: float, cap: int) -> str:
-        k = int(min(cap, max(1, rng.lognormal(math.log(median), sigma))))
-        return " ".join(rng.choice(WORDS, size=k))
-
-    return [[{"role": "user", "content": text(48, 1.0, 1500)}, {"role": "assistant", "content": text(64, 0.9, 1500)}]
-            for _ in range(n)]
+    return [[{"role": "user", "content": lognormal_text(rng, WORDS, 48, 1.0, 1500)},
+             {"role": "assistant", "content": lognormal_text(rng, WORDS, 64, 0.9, 1500)}] for _ in range(n)]
 
 
 def build_model(work: str, hidden: int, layers: int) -> str:

@@ -6,8 +6,7 @@ One random-init Llama reward model (fp32, `btrm_segment` attention), random toke
 whose first `share x seq-len` tokens (the prompt) are common to the sequences of an item:
 
   training   --pairs pairs in one row (2 x pairs x seq-len tokens unshared), BT loss, forward + backward.
-             plain = today's packed row (`collate_pairs`, `packed_rewards`); shared = `pack_items` +
-             `prefix_rewards` (each prompt once, then both responses).
+             plain = today's packed row (`collate_pairs`, `packed_rewards`); shared = `collate(share=True)` (each prompt once, then both responses).
   scoring    the same pairs, forward only, through `RewardModel.score_ids` with share_prompt off / on.
   best-of-N  one prompt of 70% of --seq-len and --best-of responses, `RewardModel.score_ids` off / on.
 
@@ -27,8 +26,7 @@ import time
 import torch
 
 from btrm.cpu import retain_freed_memory
-from btrm.data.packing import collate_pairs
-from btrm.data.prefix import pack_items
+from btrm.data.packing import collate, collate_pairs
 from btrm.inference.scorer import RewardModel
 from btrm.loss import bt_loss
 from btrm.modeling import SEGMENT, packed_rewards
@@ -103,7 +101,7 @@ def main() -> None:
     for share in (float(s) for s in args.shares.split(",")):
         items = make_items(args.pairs, 2, args.seq_len, share, vocab, seed=int(share * 100))
         plain_batch = collate_pairs([i[0] for i in items], [i[1] for i in items])
-        shared_row = pack_items(items)
+        shared_row = collate(items, share=True)
 
         def step(rewards_fn):
             def run():
@@ -128,7 +126,7 @@ def main() -> None:
     with torch.inference_mode():
         t = best_alternating({"plain": lambda: rm_plain.score_ids(seqs),
                               "shared": lambda: rm_shared.score_ids(seqs)}, args.repeats)
-    row = pack_items(items)
+    row = collate(items, share=True)
     report(f"scoring fwd, best-of-{args.best_of}", args.best_of_share, row.prefix.sequence_tokens, row.num_tokens, t)
     got, want = rm_shared.score_ids(seqs), rm_plain.score_ids(seqs)
     print(f"max |shared - plain| reward over the best-of-{args.best_of} group: "

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import shutil
@@ -57,17 +56,14 @@ def write_pairs(path: Path, n: int, seed: int) -> None:
     """Long-tailed lengths: prompt and each response ~ lognormal in words (median 40 / 56 words, sigma 1.0 / 0.9)."""
     import numpy as np
 
+    from btrm.tiny import lognormal_text
+
     rng = np.random.default_rng(seed)
-
-    def text(median: float, sigma: float, cap: int) -> str:
-        k = int(min(cap, max(1, rng.lognormal(math.log(median), sigma))))
-        return " ".join(rng.choice(_WORDS, size=k))
-
     with path.open("w") as f:
         for i in range(n):
-            prompt = text(40, 1.0, 700)
-            good = text(56, 0.9, 700) + " " + _GOOD[i % 2]
-            bad = text(56, 0.9, 700) + " " + _BAD[i % 2]
+            prompt = lognormal_text(rng, _WORDS, 40, 1.0, 700)
+            good = lognormal_text(rng, _WORDS, 56, 0.9, 700) + " " + _GOOD[i % 2]
+            bad = lognormal_text(rng, _WORDS, 56, 0.9, 700) + " " + _BAD[i % 2]
             user = {"role": "user", "content": prompt}
             f.write(json.dumps({"chosen": [user, {"role": "assistant", "content": good}],
                                 "rejected": [user, {"role": "assistant", "content": bad}]}) + "\n")
@@ -164,7 +160,7 @@ def run_padded(config_path: Path) -> dict:
 
     from btrm.data.packing import pad_pairs
     from btrm.loss import bt_loss
-    from btrm.train.trainer import build_optimizer
+    from btrm.train.optim import build_optimizer
 
     cfg, tok, model, data = _prepared(config_path)
     opt = build_optimizer(cfg, model, torch.device("cpu"))
@@ -206,7 +202,7 @@ def run_trl(config_path: Path, work: Path) -> dict:
     from trl import RewardConfig, RewardTrainer
 
     from btrm.render import render_ids
-    from btrm.train.trainer import build_optimizer
+    from btrm.train.optim import build_optimizer
 
     cfg, tok, model, data = _prepared(config_path)
     n = cfg.train.global_batch_pairs

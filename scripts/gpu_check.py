@@ -3,15 +3,19 @@
     scripts/gpu_check.sh                      # one H100/H200, < 8 minutes, no network, no DeepSpeed needed
     python scripts/gpu_check.py --dry-run     # same code path on CPU with tiny shapes (CI)
 
-1. Correctness (bf16): for each available backend (btrm_varlen, flash_attention_2, sdpa dense block mask,
-   btrm_segment) the packed forward (`btrm.modeling.packed_rewards`) and the gradient of the summed BT loss are
+1. Correctness (bf16): for each backend of btrm.attention that runs here in bf16 (eager aside: sdpa's dense mask
+   at T^2 memory) the packed forward (`btrm.modeling.packed_rewards`) and the gradient of the summed BT loss are
    compared with per-sequence HF forwards (batch 1, no padding, sdpa). The tolerance is set by bf16 itself: the
    same per-sequence forward in fp32 is the truth, and packed may differ from unpacked by at most twice the
    unpacked bf16 error (two results within e of the truth are within 2e of each other), floored at 2^-7 relative.
+   Only parameters are cast to bf16 (the rotary inv_freq stays fp32, as in training), which keeps that floor low
+   enough to catch layout bugs; the tolerance is printed with its floor. A self-test proves it: two broken
+   layouts (positions not restarting per sequence; each reward read one token early) must FAIL and the correct
+   one pass, or the check as a whole fails.
 2. Throughput: Qwen3-0.6B- and Qwen3-1.7B-shaped random-init models, bf16 weights, fused AdamW, 16,384-token packs
    of long-tailed (lognormal) pairs; forward + backward + optimizer step; packed with and without gradient
    checkpointing, plus a padded baseline over the same pairs (pad-to-longest micro-batches of consecutive pairs
-   under the same 16,384 padded-token budget, sdpa with attention_mask). MFU uses btrm.flops (DESIGN.md formula:
+   under the same 16,384 padded-token budget, sdpa with attention_mask). MFU uses btrm.flops (docs/design.md formula:
    6N + 12*L*H*Q*s_bar per token, useful tokens only, recompute not counted) and the peak from its table.
 
 Results: a markdown table printed last and `<out>/gpu_check.json` (rewritten after every config, so a run cut
@@ -23,12 +27,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -36,7 +40,10 @@ import torch
 from btrm.data.packing import best_fit_decreasing, collate_pairs, pad_pairs
 from btrm.flops import model_shape, non_embedding_params, peak_flops, train_flops
 from btrm.loss import bt_loss
-from btrm.modeling import SEGMENT, VARLEN, enable_activation_checkpointing, packed_rewards, resolve_attn_implementation
+from btrm import attention
+from btrm.attention import SEGMENT
+from btrm.modeling import enable_activation_checkpointing, packed_rewards
+from btrm.tiny import lognormal_lengths
 
 # Qwen3 shapes from the released configs (vocab 151936, tied embeddings; no LM head in a reward model).
 SHAPES = {
@@ -70,22 +77,18 @@ def build_model(shape: dict, device: torch.device, dtype: torch.dtype, attn: str
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForSequenceClassification.from_config(config, attn_implementation=attn, dtype=dtype)
-    return model.to(device=device, dtype=dtype)
+    return model.to(device)  # buffers (rotary inv_freq) stay fp32 as from_config made them
 
 
 def lognormal_pairs(n: int, vocab: int, scale: float, max_len: int, seed: int) -> list[tuple[list[int], list[int]]]:
     """(chosen, rejected) token lists sharing a prompt: prompt ~ lognormal(median 300*scale, sigma 1.0),
     each response ~ lognormal(median 400*scale, sigma 0.9); each sequence at most `max_len` tokens."""
     rng = np.random.default_rng(seed)
-
-    def draw(median, sigma):
-        return int(max(1, rng.lognormal(math.log(median), sigma)))
-
     pairs = []
     for _ in range(n):
-        prompt = rng.integers(1, vocab, size=min(draw(300 * scale, 1.0), max_len // 2)).tolist()
-        c, r = (rng.integers(1, vocab, size=min(draw(400 * scale, 0.9), max_len - len(prompt))).tolist()
-                for _ in range(2))
+        prompt = rng.integers(1, vocab, size=min(lognormal_lengths(rng, 300 * scale, 1.0), max_len // 2)).tolist()
+        c, r = (rng.integers(1, vocab, size=min(lognormal_lengths(rng, 400 * scale, 0.9),
+                                                max_len - len(prompt))).tolist() for _ in range(2))
         pairs.append((prompt + c, prompt + r))
     return pairs
 
@@ -121,22 +124,22 @@ def sync(device) -> None:
 # 1. Correctness
 
 
-def available_backends(device) -> dict[str, str | None]:
-    """backend -> None if usable here, else why it is skipped."""
-    import importlib.util
+# eager builds the same dense block mask as sdpa with T^2 attention weights in memory: not worth the minutes here
+NOT_CHECKED = {"eager": "same dense mask as sdpa, T^2 memory"}
 
-    cuda = device.type == "cuda"
-    varlen = None
-    if not cuda:
-        varlen = "needs CUDA"
-    else:
-        try:
-            from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-        except ImportError as e:
-            varlen = f"torch.nn.attention.varlen unavailable: {e}"
-    fa2 = None if cuda and importlib.util.find_spec("flash_attn") is not None else (
-        "needs CUDA" if not cuda else "flash_attn not installed")
-    return {VARLEN: varlen, "flash_attention_2": fa2, "sdpa": None, SEGMENT: None}
+
+def available_backends(device, dtype) -> dict[str, str | None]:
+    """transformers name -> None if usable here in `dtype`, else why it is skipped (btrm.attention's table)."""
+    return {b.hf_name: NOT_CHECKED.get(b.name) or attention.why_not(b, device, dtype)
+            for b in attention.BACKENDS.values()}
+
+
+def cast_params(model, dtype):
+    """Cast parameters only, as DeepSpeed (>= 0.19.2) and from_pretrained(dtype=...) do: the rotary inv_freq
+    buffers stay fp32 (in bf16 they alone put the bf16-vs-fp32 noise at ~0.28 on rewards of ~1.3)."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
 
 
 def rewards_and_grads(model, fn):
@@ -157,41 +160,62 @@ def per_sequence(model, seqs, device):
     return torch.stack(out)
 
 
-def check_correctness(device, shape: dict, lengths: list[int], seed: int = 0) -> list[dict]:
+def broken_layouts(batch) -> dict:
+    """The packed batch, and two layouts with the bugs a packing check exists to catch (for the self-test)."""
+    t = batch.input_ids.shape[1]
+    fields = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens,
+                  max_seqlen=batch.max_seqlen, ends=batch.ends)
+    return {
+        "correct": SimpleNamespace(**fields),
+        "positions_not_restarting": SimpleNamespace(**{**fields, "position_ids": torch.arange(t)[None]}),
+        "reward_one_token_early": SimpleNamespace(**{**fields, "ends": batch.ends - 1}),
+    }
+
+
+def check_correctness(device, shape: dict, lengths: list[int], seed: int = 0) -> tuple[dict, list[dict], list[dict]]:
+    """(tolerance, per-backend rows, self-test rows). Packed bf16 vs unpacked bf16, both against the fp32 truth."""
     rng = np.random.default_rng(seed)
     seqs = [rng.integers(1, shape["vocab_size"], size=n).tolist() for n in lengths]
     batch = collate_pairs(seqs[0::2], seqs[1::2])
-    # fp32 truth and the unpacked bf16 reference (same weights: the bf16 model is the fp32 one cast down)
-    ref32_model = build_model(shape, device, torch.float32, "sdpa", seed)
-    r32, g32 = rewards_and_grads(ref32_model, lambda: per_sequence(ref32_model, seqs, device))
-    model = ref32_model.to(torch.bfloat16)
-    del ref32_model
+    # fp32 truth and the unpacked bf16 reference (same weights: the bf16 model is the fp32 one, parameters cast)
+    model = build_model(shape, device, torch.float32, "sdpa", seed)
+    r32, g32 = rewards_and_grads(model, lambda: per_sequence(model, seqs, device))
+    cast_params(model, torch.bfloat16)
     r16, g16 = rewards_and_grads(model, lambda: per_sequence(model, seqs, device))
+    # two results within e of the truth are within 2e of each other; floored at 2^-7 (bf16's own resolution)
     floor_r = float((r16 - r32).abs().max())
     floor_g = float((g16 - g32).norm() / g32.norm())
-    tol_r = max(2 * floor_r, 2 ** -7 * float(r32.abs().max()))
-    tol_g = max(2 * floor_g, 2 ** -7)
+    tol = {"floor_abs": floor_r, "floor_grad_rel": floor_g, "max_abs_reward": float(r32.abs().max()),
+           "tol_abs": max(2 * floor_r, 2 ** -7 * float(r32.abs().max())), "tol_grad_rel": max(2 * floor_g, 2 ** -7)}
+
+    def compare(backend, packed):
+        model.set_attn_implementation(backend)
+        rp, gp = rewards_and_grads(model, lambda: packed_rewards(model, packed))
+        d_r, d_g = float((rp - r16).abs().max()), float((gp - g16).norm() / g32.norm())
+        return {"status": "pass" if d_r <= tol["tol_abs"] and d_g <= tol["tol_grad_rel"] else "FAIL",
+                "max_abs_diff": d_r, "grad_rel_diff": d_g, "packed_vs_fp32_max_abs": float((rp - r32).abs().max())}
+
     rows = []
-    for backend, why_not in available_backends(device).items():
-        row = {"backend": backend, "segments": len(lengths), "tokens": sum(lengths),
-               "unpacked_bf16_vs_fp32_max_abs": floor_r, "unpacked_bf16_vs_fp32_grad_rel": floor_g}
+    for backend, why_not in available_backends(device, torch.bfloat16).items():
+        row = {"backend": backend, "segments": len(lengths), "tokens": sum(lengths)}
         if why_not:
             rows.append({**row, "status": "skipped", "reason": why_not})
             continue
         try:
-            model.set_attn_implementation(backend)
-            rp, gp = rewards_and_grads(model, lambda: packed_rewards(model, batch))
-            d_r = float((rp - r16).abs().max())
-            d_g = float((gp - g16).norm() / g32.norm())
-            ok = d_r <= tol_r and d_g <= tol_g
-            rows.append({**row, "status": "pass" if ok else "FAIL", "max_abs_diff": d_r, "tol_abs": tol_r,
-                         "grad_rel_diff": d_g, "tol_grad_rel": tol_g,
-                         "packed_vs_fp32_max_abs": float((rp - r32).abs().max())})
+            rows.append({**row, **compare(backend, batch)})
         except Exception as e:  # a backend that breaks is a finding, not a crash
             rows.append({**row, "status": "error", "reason": f"{type(e).__name__}: {e}"[:500]})
-    del model
+    # self-test: the check must catch the layout bugs. sdpa derives its block mask from position_ids, so positions
+    # that do not restart let every sequence attend to the ones before it.
+    self_test = []
+    for layout, packed in broken_layouts(batch).items():
+        r = compare("sdpa", packed)
+        expect = "pass" if layout == "correct" else "FAIL"
+        self_test.append({"layout": layout, "backend": "sdpa", "expected": expect, **r,
+                          "ok": r["status"] == expect})
+    model = None  # noqa: F841  (freed before the throughput runs)
     free_memory(device)
-    return rows
+    return tol, rows, self_test
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -263,8 +287,8 @@ def run_throughput(device, name: str, shape: dict, args, pack_tokens: int, scale
     steps_data = [packs[i * args.packs_per_step:(i + 1) * args.packs_per_step] for i in range(n_steps)]
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     # the packed backends worth timing here, btrm's default (`auto`) first
-    default = resolve_attn_implementation("auto", device)
-    fast = [b for b, why in available_backends(device).items() if why is None and b != "sdpa"]
+    default = attention.select("auto", device, args.dtype)  # the backend training would use here
+    fast = [b for b, why in available_backends(device, args.dtype).items() if why is None and b != "sdpa"]
     if device.type == "cuda":
         fast = [b for b in fast if b != SEGMENT]  # per-segment python loop: the CPU path
     fast = sorted(fast, key=lambda b: b != default) or ["sdpa"]
@@ -307,17 +331,24 @@ def run_throughput(device, name: str, shape: dict, args, pack_tokens: int, scale
 # Report
 
 
+def tolerance_line(tol: dict) -> str:
+    return (f"tolerance: rewards {tol['tol_abs']:.2e} = max(2 x floor {tol['floor_abs']:.2e}, 2^-7 x max|r| "
+            f"{tol['max_abs_reward']:.2f}); gradients {tol['tol_grad_rel']:.2e} relative = max(2 x floor "
+            f"{tol['floor_grad_rel']:.2e}, 2^-7). floor = unpacked bf16 (fp32 buffers) vs unpacked fp32")
+
+
 def table(result: dict) -> str:
-    lines = ["| backend | segments / tokens | max abs diff (tol) | grad rel diff (tol) | bf16 noise vs fp32 | status |",
-             "|---|---|---|---|---|---|"]
+    lines = [tolerance_line(result["tolerance"]), "",
+             "| backend | layout | segments / tokens | max abs diff | grad rel diff | status |", "|---|---|---|---|---|---|"]
     for r in result["correctness"]:
         if r["status"] in ("pass", "FAIL"):
-            lines.append(f"| {r['backend']} | {r['segments']} / {r['tokens']} | {r['max_abs_diff']:.2e} "
-                         f"({r['tol_abs']:.1e}) | {r['grad_rel_diff']:.2e} ({r['tol_grad_rel']:.1e}) | "
-                         f"{r['unpacked_bf16_vs_fp32_max_abs']:.1e} / {r['unpacked_bf16_vs_fp32_grad_rel']:.1e} | "
-                         f"{r['status']} |")
+            lines.append(f"| {r['backend']} | packed | {r['segments']} / {r['tokens']} | {r['max_abs_diff']:.2e} | "
+                         f"{r['grad_rel_diff']:.2e} | {r['status']} |")
         else:
-            lines.append(f"| {r['backend']} | | | | | {r['status']}: {r.get('reason', '')} |")
+            lines.append(f"| {r['backend']} | packed | | | | {r['status']}: {r.get('reason', '')} |")
+    for r in result["self_test"]:
+        lines.append(f"| {r['backend']} | self-test: {r['layout']} | | {r['max_abs_diff']:.2e} | "
+                     f"{r['grad_rel_diff']:.2e} | {r['status']} (expected {r['expected']}) |")
     lines += ["", "| model | mode | attention | grad ckpt | real tokens/s | TFLOP/s | MFU | padding | s_bar | "
               "peak mem GiB | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["throughput"]:
@@ -382,22 +413,27 @@ def main() -> None:
                      "packs_per_step": args.packs_per_step, "shapes": shapes, "check_shape": check_shape,
                      "throughput_dtype": str(args.dtype),
                      "check_dtype": "bf16 (fp32 reference)", "optimizer": "AdamW (fused on CUDA)"},
-        "correctness": [], "throughput": [],
+        "tolerance": None, "correctness": [], "self_test": [], "throughput": [],
     }
     path = out / "gpu_check.json"
 
     def save():
         path.write_text(json.dumps(result, indent=1))
 
-    result["correctness"] = check_correctness(device, check_shape, check_lengths, args.seed)
-    for r in result["correctness"]:
+    result["tolerance"], result["correctness"], result["self_test"] = check_correctness(
+        device, check_shape, check_lengths, args.seed)
+    print(tolerance_line(result["tolerance"]), flush=True)
+    for r in result["correctness"] + result["self_test"]:
         print(json.dumps(r), flush=True)
     print(f"correctness checked in {time.perf_counter() - START:.0f}s", flush=True)
     save()
     for name, shape in shapes.items():
         result["throughput"] += run_throughput(device, name, shape, args, pack_tokens, scale)
         save()
-    result["correctness_passed"] = all(r["status"] in ("pass", "skipped") for r in result["correctness"]) and any(
+    # passed = every backend that ran agrees, and the check itself caught both broken layouts
+    result["self_test_passed"] = all(r["ok"] for r in result["self_test"])
+    result["correctness_passed"] = result["self_test_passed"] and all(
+        r["status"] in ("pass", "skipped") for r in result["correctness"]) and any(
         r["status"] == "pass" for r in result["correctness"])
     result["best_packed_mfu"] = {
         name: max((r["mfu"] for r in result["throughput"] if r["model"] == name and r["mode"] == "packed"

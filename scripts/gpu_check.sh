@@ -10,7 +10,7 @@
 # Extra arguments go to scripts/gpu_check.py (--models qwen3-1.7b, --steps 8, --budget-s 300, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-python3}"  # the GPU image has python3, not python
 OUT="${OUT:-./gpu_check_out}"
 mkdir -p "$OUT"
 if [[ -n "${WHEELS:-}" ]]; then

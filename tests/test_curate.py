@@ -189,3 +189,102 @@ def test_stats_writes_png_and_lengths(two_sources, tmp_path):
     assert report["pair_tokens"]["count"] == 8
     assert report["share_conversations_over_max_length"] == pytest.approx(sum(x > 40 for x in lens) / len(lens))
     assert (digest(a), digest(b)) == before
+
+
+@pytest.mark.parametrize("command", ["clean", "dedup", "decontaminate", "stats", "swap"])
+def test_num_proc_gives_identical_output(two_sources, tmp_path, monkeypatch, command):
+    """Chunks of 2 rows spread over 1, 2 and 3 workers: same output bytes and report (incl. invalid-row counts
+    and the first example of each reason, which depend on input order)."""
+    from btrm.data import curate
+    from btrm.tiny import build_tokenizer
+
+    monkeypatch.setattr(curate, "CHUNK_ROWS", 2)
+    a, b = two_sources
+    bad = write_jsonl(tmp_path / "bad.jsonl", [row("q", "", "x"), {"chosen": conv("q", "a")}, row("q", "a", "b"),
+                                               row("Say hi.", "Hi!", "No."), row("q", "", "y")])
+    bench = write_jsonl(tmp_path / "bench.jsonl", [{"prompt": "what is 2 2"}, {"prompt": "count to three"}])
+    options = {"decontaminate": dict(benchmark_files=[str(bench)], ngram=2),
+               "stats": dict(tokenizer=build_tokenizer("llama3"), max_length=20)}.get(command, {})
+    sources = [SourceConfig(path=str(p)) for p in (a, bad, b)]
+    outputs = []
+    for n in (1, 2, 3):
+        out = tmp_path / f"n{n}" / ("s.json" if command == "stats" else "out.jsonl")
+        report = run_command(command, sources, out, num_proc=n, **options)
+        check_accounting(report)
+        report.pop("output"), report.pop("histogram", None)
+        data = b"" if command == "stats" else out.read_bytes()
+        outputs.append((data, report))
+    assert outputs[0][1]["totals"]["removed"] > 0
+    assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
+
+
+def test_strict_stops_at_the_first_bad_row_with_workers(two_sources, tmp_path, monkeypatch):
+    from btrm.data import curate
+
+    monkeypatch.setattr(curate, "CHUNK_ROWS", 2)
+    a, _ = two_sources
+    bad = write_jsonl(tmp_path / "bad.jsonl", [row("q", "a", "b"), row("q", "a", "c"), row("q", "", "x"),
+                                               {"chosen": conv("q", "a")}])
+    for n in (1, 2):
+        with pytest.raises(ValueError, match=r"bad\.jsonl:3: field 'chosen': empty_response"):
+            run_command("clean", [SourceConfig(path=str(a)), SourceConfig(path=str(bad))], tmp_path / "o.jsonl",
+                        strict=True, num_proc=n)
+
+
+@pytest.mark.slow
+def test_filter_removes_flipped_labels(trained_checkpoint, tmp_path):
+    """10% of labels flipped; the trained model separates the synthetic labels, so removing the pairs it contradicts
+    by more than 1 raises the kept set's label agreement. Removals per source match the model's own rewards."""
+    from btrm.inference.scorer import RewardModel
+    from btrm.tiny import make_preference_rows
+
+    rows = [{k: v for k, v in r.items() if k != "source"}  # count per file: a, b
+            for r in make_preference_rows(300, seed=7)]  # not the training pairs (seed 0)
+    flipped = set(range(0, len(rows), 10))
+    rows = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} if i in flipped else r for i, r in enumerate(rows)]
+    a = write_jsonl(tmp_path / "a.jsonl", rows[:150])
+    b = write_jsonl(tmp_path / "b.jsonl", rows[150:])
+    out = tmp_path / "kept.jsonl"
+    assert btrm("filter", "--source", a, "--source", b, "--model", trained_checkpoint, "--max-disagreement", 1,
+                "--num-proc", 2, "--output", out) == 0
+    report = json.loads((tmp_path / "kept.report.json").read_text())
+    kept = read_back(out)
+    check_accounting(report, len(kept))
+
+    rm = RewardModel.from_pretrained(trained_checkpoint)
+    scores = rm.score_pairs([r["chosen"] for r in rows], [r["rejected"] for r in rows])
+    contradicted = [s.chosen - s.rejected < -1 for s in scores]
+    assert report["removed"] == {src: {"disagreement": sum(contradicted[lo:hi])}
+                                 for src, lo, hi in (("a", 0, 150), ("b", 150, 300)) if sum(contradicted[lo:hi])}
+    flipped_chosen = {json.dumps(rows[i]["chosen"]) for i in flipped}
+    agreement_before = 1 - len(flipped) / len(rows)
+    agreement_after = sum(json.dumps(p.chosen) not in flipped_chosen for p in kept) / len(kept)
+    assert agreement_after > agreement_before + 0.03, (agreement_before, agreement_after)
+    lines = [json.loads(x) for x in (tmp_path / "kept.scores.jsonl").read_text().splitlines()]
+    assert [x["verdict"] == "disagreement" for x in lines] == contradicted  # every pair, in input order
+
+    # --flag keeps everything and counts the same verdicts
+    out = tmp_path / "flagged.parquet"
+    assert btrm("filter", "--source", a, "--source", b, "--model", trained_checkpoint, "--max-disagreement", 1,
+                "--flag", "--output", out) == 0
+    flagged = json.loads((tmp_path / "flagged.report.json").read_text())
+    assert flagged["totals"]["kept"] == len(rows) and flagged["flagged"] == report["removed"]
+
+
+def test_seen_keys_matches_a_dict():
+    """The numpy key set gives the same first-occurrence answers as a plain dict, across many run merges."""
+    import numpy as np
+
+    from btrm.data.curate import SeenKeys
+
+    rng = np.random.default_rng(0)
+    seen, first = SeenKeys(), {}
+    for _ in range(60):
+        keys = rng.integers(0, 500, size=int(rng.integers(1, 40))).astype(np.uint64)  # many repeats, in and across chunks
+        src = rng.integers(0, 3, size=len(keys))
+        expected = []
+        for k, s in zip(keys.tolist(), src.tolist()):
+            expected.append(first.get(k, -1))
+            first.setdefault(k, s)
+        assert seen.add(keys, src).tolist() == expected
+    assert len(seen) == len(first) and len(seen.runs) < 10

@@ -19,6 +19,10 @@ sys.modules["datasets"] = None
 """
 
 
+def test_gpu_check_sh_uses_python3_by_default():
+    assert 'PYTHON="${PYTHON:-python3}"' in (REPO / "scripts" / "gpu_check.sh").read_text()  # the GPU image's name
+
+
 @pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
     shim = tmp_path / "shim"
@@ -32,19 +36,31 @@ def test_gpu_check_dry_run(tmp_path):
     lines = proc.stdout.rstrip().splitlines()
     head = max(i for i, line in enumerate(lines) if line.startswith("| model | mode |"))
     assert all(line.startswith("|") for line in lines[head:head + 8])  # the tables come last, then a verdict
+    assert "self-test: reward_one_token_early" in proc.stdout
     assert lines[-1].startswith("correctness: passed; best packed MFU: tiny-a n/a")
 
     res = json.loads((out / "gpu_check.json").read_text())
     assert res["dry_run"] is True and res["device"].startswith("cpu")
     assert res["correctness_passed"] is True
+    tol = res["tolerance"]  # derived from the bf16-vs-fp32 floor (params cast, rotary buffers fp32), and printed
+    assert tol["floor_abs"] > 0  # the bf16 path really was bf16
+    assert tol["tol_abs"] == max(2 * tol["floor_abs"], 2 ** -7 * tol["max_abs_reward"])
+    assert tol["tol_grad_rel"] == max(2 * tol["floor_grad_rel"], 2 ** -7)
+    assert f"tolerance: rewards {tol['tol_abs']:.2e} = max(2 x floor {tol['floor_abs']:.2e}" in proc.stdout
     by_backend = {r["backend"]: r for r in res["correctness"]}
-    assert set(by_backend) == {"btrm_varlen", "flash_attention_2", "sdpa", "btrm_segment"}
+    assert set(by_backend) == {"btrm_varlen", "flash_attention_2", "sdpa", "btrm_segment", "eager"}
     for name in ("sdpa", "btrm_segment"):  # the CPU backends really ran, in bf16, within tolerance
         r = by_backend[name]
         assert r["status"] == "pass", r
-        assert r["max_abs_diff"] <= r["tol_abs"] and r["grad_rel_diff"] <= r["tol_grad_rel"]
-        assert r["unpacked_bf16_vs_fp32_max_abs"] > 0  # the bf16 path really was bf16
+        assert r["max_abs_diff"] <= tol["tol_abs"] and r["grad_rel_diff"] <= tol["tol_grad_rel"]
     assert by_backend["btrm_varlen"]["status"] == "skipped"
+    # the self-test: both broken layouts FAIL the same check that the correct layout passes
+    verdicts = {r["layout"]: r["status"] for r in res["self_test"]}
+    assert verdicts == {"correct": "pass", "positions_not_restarting": "FAIL", "reward_one_token_early": "FAIL"}
+    assert res["self_test_passed"] is True
+    for r in res["self_test"]:
+        if r["status"] == "FAIL":  # by a wide margin, not by rounding
+            assert r["max_abs_diff"] > 10 * tol["tol_abs"], r
 
     rows = res["throughput"]
     assert {(r["model"], r["mode"], r["grad_ckpt"]) for r in rows} == {

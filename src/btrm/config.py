@@ -6,6 +6,7 @@ ill-typed values are errors naming the dotted path. `to_dict` / `dump_yaml` roun
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from btrm.attention import CHOICES as ATTN_CHOICES
 
 
 class ConfigError(ValueError):
@@ -30,9 +33,10 @@ class ModelConfig:
     """Base model: a Hub id or a local directory (Llama-3.x / Qwen3 or any decoder with *ForSequenceClassification)."""
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     """Training precision. auto = bf16 on CUDA, fp32 on CPU."""
-    attn_implementation: Literal["auto", "flash_attention_2", "varlen", "segment", "sdpa", "eager"] = "auto"
-    """Packed attention. auto = flash_attention_2 if installed, else torch varlen on CUDA, else `segment` on CPU
-    (per-segment sdpa: cost sum(s_i^2), not T^2). sdpa/eager use transformers' dense mask from position_ids."""
+    attn_implementation: Literal[ATTN_CHOICES] = "auto"
+    """Packed attention, one of btrm.attention.BACKENDS. auto = the fastest that runs on the device in `dtype`:
+    flash_attention_2 if installed, else torch's varlen kernel (CUDA, bf16), else `segment` (per-segment sdpa,
+    cost sum(s_i^2), not T^2; any device and dtype). sdpa/eager use transformers' dense mask from position_ids."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (saves memory at ~30% more compute)."""
     pad_token: str | None = None
@@ -95,8 +99,6 @@ class DataConfig:
     the same rewards, loss and gradients. Needs the segment, varlen, sdpa or eager attention (flash_attention_2
     packs pairs whole). The token budget `max_tokens` counts the prompt once; which pairs are over-long does not
     change."""
-    shuffle_window: int = 512
-    """Pairs considered together by best-fit-decreasing packing."""
     shuffle: bool = True
     """Shuffle pairs each epoch (seeded)."""
 
@@ -106,22 +108,29 @@ class OptimConfig:
     lr: float = 3e-6
     """Peak learning rate."""
     weight_decay: float = 0.0
+    """AdamW decoupled weight decay (per step, times lr); norms and other 1-D parameters get none."""
     betas: tuple[float, float] = (0.9, 0.95)
+    """Adam (beta1, beta2): decay rates of the first and second moment estimates."""
     eps: float = 1e-8
+    """Adam epsilon, added to the root of the second moment."""
     name: Literal["adamw", "sgd"] = "adamw"
     """adamw (DeepSpeed fused / CPU Adam where available) or plain sgd (used by equivalence tests)."""
     scheduler: Literal["constant", "linear", "cosine"] = "constant"
     """Decay after warmup: constant, linear to min_lr_ratio*lr, or cosine to min_lr_ratio*lr."""
     warmup_steps: int = 0
+    """Optimizer steps of linear warmup from lr/warmup_steps to lr (0 = use warmup_ratio)."""
     warmup_ratio: float = 0.0
     """Warmup as a share of total steps (used when warmup_steps is 0)."""
     min_lr_ratio: float = 0.0
+    """Floor of linear / cosine decay, as a share of lr (reached at the last step)."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 disables)."""
 
 
 @dataclass
 class LossConfig:
+    kind: str = "bt"
+    """Objective, a name in btrm.loss.OBJECTIVES: bt = Bradley-Terry over pairs, -logsigmoid(r_c - r_r)."""
     margin: bool = False
     """Use the per-pair `margin` column: -logsigmoid(r_c - r_r - margin)."""
     center_coef: float = 0.0
@@ -131,15 +140,20 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = "outputs/run"
+    """Run directory: checkpoints (checkpoint-<step>/, each with its config) and metrics.jsonl."""
     global_batch_pairs: int = 256
     """Pairs per optimizer step over all ranks."""
     epochs: float = 1.0
+    """Passes over the training pairs (fractions allowed); steps = ceil(epochs * pairs / global_batch_pairs)."""
     max_steps: int | None = None
     """Stop after this many steps (overrides epochs when set)."""
     eval_every: int = 0
     """Evaluate every N steps (0 = only at the end)."""
     seed: int = 42
+    """Seeds torch, the pair order of each epoch, the subsample of a source with a fractional weight, and the
+    score-head init."""
     loss: LossConfig = field(default_factory=LossConfig)
+    """The objective and its options."""
 
 
 @dataclass
@@ -151,6 +165,7 @@ class CheckpointConfig:
     resume: str = "auto"
     """auto = latest complete checkpoint in output_dir if any; none; or a checkpoint path."""
     save_final: bool = True
+    """Save a checkpoint at the end of training (unless the last step was just saved)."""
 
 
 @dataclass
@@ -160,8 +175,11 @@ class LoggingConfig:
     wandb: bool = True
     """Log to Weights & Biases (offline automatically when no API key is set)."""
     project: str = "btrm"
+    """Weights & Biases project."""
     run_name: str | None = None
+    """Weights & Biases run name (None = W&B picks one)."""
     tags: list[str] = field(default_factory=list)
+    """Weights & Biases run tags."""
     progress: bool = True
     """Rank-0 progress bar."""
 
@@ -189,6 +207,8 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def validate(self) -> "Config":
+        from btrm.loss import OBJECTIVES  # the objective table (imports torch)
+
         checks = [
             ("model.name_or_path", bool(self.model.name_or_path), "must be set"),
             ("train.global_batch_pairs", self.train.global_batch_pairs > 0, "must be > 0"),
@@ -201,6 +221,7 @@ class Config:
              "needs deepspeed.zero_stage=3"),
             ("train.epochs", self.train.epochs > 0 or self.train.max_steps, "must be > 0 unless max_steps is set"),
             ("checkpoint.keep_last", self.checkpoint.keep_last >= 1, "must be >= 1"),
+            ("train.loss.kind", self.train.loss.kind in OBJECTIVES, f"must be one of {sorted(OBJECTIVES)}"),
         ]
         for i, s in enumerate(self.data.sources + self.data.eval_sources):
             checks.append((f"data.sources[{i}].path", bool(s.path), "must be set"))
@@ -301,6 +322,11 @@ def from_dict(cls, data: dict, path: str = ""):
     return cls(**kwargs)
 
 
+def field_choices(cls, name: str) -> list:
+    """The values a Literal-typed field of config dataclass `cls` allows (for CLI choices)."""
+    return list(typing.get_args(typing.get_type_hints(cls)[name]))
+
+
 def to_dict(obj) -> Any:
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
@@ -354,10 +380,11 @@ def parse_overrides(args: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, top: dict) -> dict:
-    out = dict(base)
+def merge_dicts(base: dict, top: dict) -> dict:
+    """A new dict: `top` over `base`, nested mappings merged key by key (the inputs are not modified or shared)."""
+    out = copy.deepcopy(base)
     for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
 
 
@@ -373,7 +400,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
             raise ConfigError(f"{path}: top level must be a mapping")
         tree = loaded
     if overrides:
-        tree = _merge(tree, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+        tree = merge_dicts(tree, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
     try:
         cfg = from_dict(Config, tree)
     except ConfigError as e:

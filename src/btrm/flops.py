@@ -1,4 +1,4 @@
-"""FLOPs per token and MFU (DESIGN.md "Performance yardsticks")."""
+"""FLOPs per token and MFU (docs/design.md, "Performance yardsticks")."""
 
 from __future__ import annotations
 

@@ -1,9 +1,40 @@
-"""Bradley-Terry loss: a small pure function and its metrics."""
+"""Training objectives: the rewards of a packed batch -> a summed loss and metric sums, from one table.
+
+An objective is built from `train.loss` (`build_objective`, by `train.loss.kind`) and has two parts:
+  loss(rewards, batch) -> (loss_sum, metric_sums): the SUM over the batch's items of per-item losses, and metric
+      sums (tensors) with the same keys for every batch. The trainer divides the loss by the step's global item
+      count, so every item weighs the same however it was packed, and adds the metric sums over micro-batches and
+      ranks before `finalize` turns them into what is logged.
+  finalize(sums) -> metrics: reduced sums -> means, stds, counts.
+Rewards are read through the batch's item layout (`PackedBatch.at_rank`, `best_wins`), never by position in the row.
+
+To add an objective: a builder `f(cfg: LossConfig) -> Objective` in this module, its line in `OBJECTIVES`, and
+its hand-computed test in tests/core/test_loss.py (docs/architecture.md).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from btrm.config import LossConfig
+    from btrm.data.packing import PackedBatch
+
+LossFn = Callable[[torch.Tensor, "PackedBatch"], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class Objective:
+    loss: LossFn
+    finalize: Callable[[dict[str, float]], dict[str, float]]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bradley-Terry
 
 
 def bt_loss(chosen: torch.Tensor, rejected: torch.Tensor, margins: torch.Tensor | None = None,
@@ -43,3 +74,32 @@ def finalize_metrics(sums: dict[str, float]) -> dict[str, float]:
             out[f"{side}_std"] = var ** 0.5
     out["pairs"] = sums.get("pairs", 0.0)
     return out
+
+
+def bradley_terry(cfg: LossConfig) -> Objective:
+    """Plain BT over pair items, with the optional per-pair margin and reward centering of `train.loss`."""
+
+    def loss(rewards: torch.Tensor, batch: PackedBatch):
+        if len(batch.ranks) != 2 * batch.n_items:
+            raise ValueError(f"train.loss.kind=bt needs items of two sequences, got {len(batch.ranks)} sequences "
+                             f"in {batch.n_items} items")
+        margins = batch.margins.to(rewards.device) if cfg.margin else None
+        return bt_loss(batch.at_rank(rewards, 0), batch.at_rank(rewards, 1), margins, cfg.center_coef)
+
+    return Objective(loss, finalize_metrics)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The table `train.loss.kind` picks from
+
+
+OBJECTIVES: dict[str, Callable[[LossConfig], Objective]] = {
+    "bt": bradley_terry,
+}
+
+
+def build_objective(cfg: LossConfig) -> Objective:
+    try:
+        return OBJECTIVES[cfg.kind](cfg)
+    except KeyError:
+        raise ValueError(f"train.loss.kind: {cfg.kind!r} is not one of {sorted(OBJECTIVES)}") from None

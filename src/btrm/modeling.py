@@ -1,117 +1,29 @@
 """Reward model = decoder + `score = Linear(hidden, 1, bias=False)` (HF *ForSequenceClassification layout).
 
 The packed forward runs the decoder once over a packed row (position_ids restarting per sequence, no attention
-mask) and applies the score head only at each sequence's end index.
-
-Attention backends for packed rows:
-- flash_attention_2: the flash-attn package's varlen kernel (CUDA, optional extra).
-- btrm_varlen: PyTorch's own `torch.nn.attention.varlen.varlen_attn` (CUDA, no extra package).
-- btrm_segment: per-segment SDPA (any device). Cost sum(s_i^2), not T^2: the CPU default.
-- sdpa / eager: transformers' own dense block mask derived from position_ids (cost T^2; reference path).
+mask) and applies the score head only at each sequence's end index. The attention backends that read the
+segment boundaries, and the choice among them, live in btrm.attention.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from transformers import AttentionInterface, AutoConfig, AutoModelForSequenceClassification
-from transformers.masking_utils import AttentionMaskInterface
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from btrm.prefix_attention import (LAYOUT_KWARG, prefix_rewards, segment_prefix_attention, torch_varlen_kernel,
-                                   varlen_prefix_attention)
+from btrm.attention import SEGMENT, register_all
+from btrm.prefix_attention import prefix_rewards
 from btrm.render import render_ids
 
 log = logging.getLogger(__name__)
 
-SEGMENT = "btrm_segment"
-VARLEN = "btrm_varlen"
+register_all()  # our attention functions, under their transformers names, for any model loaded after this import
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Packed attention functions (registered with transformers' AttentionInterface)
-
-
-def _segments(kwargs, total: int) -> list[int]:
-    cu = kwargs.get("cu_seq_lens_q")
-    if cu is None:
-        return [0, total]
-    return [int(x) for x in cu.tolist()]
-
-
-def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """query [1, Hq, T, D], key/value [1, Hkv, T, D] -> [1, T, Hq, D]; causal attention within each segment."""
-    if kwargs.get(LAYOUT_KWARG) is not None:
-        return segment_prefix_attention(query, key, value, kwargs[LAYOUT_KWARG], scaling,
-                                        dropout if module.training else 0.0), None
-    if query.shape[0] != 1:
-        raise ValueError("btrm_segment attention expects one packed row (batch size 1)")
-    bounds = _segments(kwargs, query.shape[2])
-    sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    gqa = query.shape[1] != key.shape[1]
-    outs = []
-    # split, not one slice per segment: a slice's backward writes into a zero tensor of the whole row, so n
-    # slices cost n full-row gradients per q/k/v; split's backward is one concatenation.
-    for q, k, v in zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2)):
-        outs.append(F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=scaling, dropout_p=dropout if module.training else 0.0, enable_gqa=gqa))
-    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-    return out.transpose(1, 2).contiguous(), None
-
-
-def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """PyTorch's native varlen flash kernel over a packed row (CUDA)."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    if kwargs.get(LAYOUT_KWARG) is not None:
-        return varlen_prefix_attention(query, key, value, kwargs[LAYOUT_KWARG], torch_varlen_kernel, scaling), None
-    if query.shape[0] != 1:
-        raise ValueError("btrm_varlen attention expects one packed row (batch size 1)")
-    cu = kwargs.get("cu_seq_lens_q")
-    t = query.shape[2]
-    if cu is None:
-        cu = torch.tensor([0, t], dtype=torch.int32, device=query.device)
-        max_len = t
-    else:
-        cu = cu.to(device=query.device, dtype=torch.int32)
-        max_len = int(kwargs.get("max_length_q") or t)
-    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
-    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0),
-                      enable_gqa=q.shape[1] != k.shape[1])
-    return out[None], None
-
-
-def _no_mask(*args, **kwargs):
-    return None  # boundaries travel as cu_seq_lens_q; no dense mask is built
-
-
-AttentionInterface.register(SEGMENT, segment_attention)
-AttentionInterface.register(VARLEN, varlen_attention)
-AttentionMaskInterface.register(SEGMENT, _no_mask)
-AttentionMaskInterface.register(VARLEN, _no_mask)
-
-
-def resolve_attn_implementation(name: str, device: torch.device | str) -> str:
-    """Map the config's choice to a transformers attn_implementation name."""
-    cuda = torch.device(device).type == "cuda"
-    if name == "auto":
-        if cuda and importlib.util.find_spec("flash_attn") is not None:
-            return "flash_attention_2"
-        return VARLEN if cuda else SEGMENT
-    if name == "varlen":
-        if not cuda:
-            raise ValueError("model.attn_implementation=varlen needs CUDA; use 'segment' on CPU")
-        return VARLEN
-    if name == "segment":
-        return SEGMENT
-    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise ValueError("model.attn_implementation=flash_attention_2 needs the flash-attn package "
-                         "(pip install 'btrm[flash]'), or use 'varlen'")
-    return name
-
+# Precision
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
            "float": torch.float32}
@@ -132,12 +44,17 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device | str) -> torch.
 # Pad token: HF pools the rightmost token != pad_token_id, so pad must never end a rendered conversation.
 
 _PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|reserved_special_token_0|>", "<|endoftext|>", "<pad>")
+_PROBE = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+
+def conversation_end_token(tokenizer, chat_template_kwargs: dict | None = None) -> int:
+    """The token that ends a rendered conversation (where the reward is read): the pad id must differ from it."""
+    return render_ids(tokenizer, _PROBE, chat_template_kwargs)[-1]
 
 
 def ensure_pad_token(tokenizer, requested: str | None = None, chat_template_kwargs: dict | None = None) -> int:
     """Set a pad token that is not the last token of a rendered conversation; returns its id. No vocab resize."""
-    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    last = render_ids(tokenizer, probe, chat_template_kwargs)[-1]
+    last = conversation_end_token(tokenizer, chat_template_kwargs)
     vocab = tokenizer.get_vocab()
     if requested is not None:
         if requested not in vocab:

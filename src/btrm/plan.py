@@ -33,8 +33,8 @@ log-sum-exp). Per token and decoder layer, the tensors autograd saves in a Llama
   inputs are kept and one layer's activations are rebuilt at a time in backward.
 Plus a backward working set of T * 2 * (2 H + 2 I) (the gradients flowing through one layer) and, per stage,
 DeepSpeed's communication buckets at the sizes btrm.train.ds_config sets. A fixed 2 GiB covers the CUDA context,
-NCCL and allocator slack. The estimate errs on the side of caution; measure the first steps (`torch.cuda.
-max_memory_allocated` is logged by the trainer) before a long run.
+NCCL and allocator slack. The estimate errs on the side of caution; measure the first steps before a long run:
+on CUDA the trainer logs rank 0's `peak_memory_gib` per step (`torch.cuda.max_memory_allocated`).
 
 Time: a step is `train.global_batch_pairs` pairs of `--mean-pair-tokens` tokens (from `btrm data stats`). Without a
 measured `--tokens-per-sec-per-gpu` we assume 35% MFU of 989 TFLOP/s (H100/H200 dense bf16; torchtitan reports 33-39%
@@ -46,17 +46,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from btrm.config import Config, load_config
+from btrm.errors import UserError
+from btrm.train.ds_config import PREFETCH_BUCKET_ZERO3, REDUCE_BUCKET, REDUCE_BUCKET_ZERO3
 
 GiB = 2**30
 OVERHEAD_GIB = 2.0  # CUDA context, NCCL, allocator slack
 ASSUMED_MFU = 0.35
 ASSUMED_PEAK_FLOPS = 989e12  # H100/H200 dense bf16 (btrm.flops.PEAK_BF16)
-PACKING_FILL = 0.98  # best-fit-decreasing fill of a micro-batch (DESIGN.md: >= 99% on long-tailed lengths)
+PACKING_FILL = 0.98  # best-fit-decreasing fill of a micro-batch (docs/design.md: >= 99% on long-tailed lengths)
 
 
 @dataclass(frozen=True)
@@ -171,12 +172,13 @@ def model_state_bytes(params: int, largest_layer: int, stage: int, gpus_per_node
 
 
 def comm_buffer_bytes(stage: int, offload_optimizer: bool) -> float:
-    """DeepSpeed buckets at the sizes btrm.train.ds_config sets (reduce bucket 5e8 elements below stage 3, 5e7 at
-    stage 3 with a 5e7 prefetch bucket), bf16, double-buffered when communication overlaps."""
+    """DeepSpeed buckets at the sizes btrm.train.ds_config sets (a reduce bucket below stage 3; at stage 3 a
+    smaller reduce bucket and a prefetch bucket), bf16, the reduce bucket double-buffered when communication
+    overlaps."""
     if stage == 2 or (stage == 1 and offload_optimizer):
-        return 2 * 2 * 5e8
+        return 2 * 2 * REDUCE_BUCKET
     if stage == 3:
-        return 2 * 2 * 5e7 + 2 * 5e7
+        return 2 * 2 * REDUCE_BUCKET_ZERO3 + 2 * PREFETCH_BUCKET_ZERO3
     return 0.0
 
 
@@ -391,17 +393,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config, validate=False)
-    except ValueError as e:
-        print(f"btrm plan: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, validate=False)  # a ConfigError ends in one line (btrm.cli)
     try:
         a, source = resolve_arch(cfg.model.name_or_path, args.arch)
     except (ValueError, OSError) as e:  # AutoConfig could not read the model path (offline, typo)
-        print(f"btrm plan: cannot read the model shape of {cfg.model.name_or_path!r}: {e}\n"
-              f"pass --arch with one of: {', '.join(ARCHS)}", file=sys.stderr)
-        return 2
+        raise UserError(f"cannot read the model shape of {cfg.model.name_or_path!r}: {e}; "
+                        f"pass --arch with one of: {', '.join(ARCHS)}") from e
     r = plan(cfg, a, args.gpus, args.nodes, args.gpu_memory, args.tokens_per_sec_per_gpu, args.dataset_pairs,
              args.mean_pair_tokens)
     r["arch_source"] = source

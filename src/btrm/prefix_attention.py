@@ -18,15 +18,14 @@ interface. Backends:
 
 from __future__ import annotations
 
-import inspect
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from btrm.attention import LAYOUT_KWARG
 from btrm.data.prefix import PrefixLayout
 
-LAYOUT_KWARG = "prefix_layout"
 
 # A causal varlen kernel: (q [Tq,H,D], k, v [Tk,Hkv,D], cu_q, cu_k, max_q, max_k, scale) -> [Tq,H,D], mask aligned
 # bottom-right per sequence.
@@ -107,36 +106,17 @@ def varlen_prefix_attention(query, key, value, layout: PrefixLayout, kernel: Var
     return torch.cat([out_root, out_branch]).index_select(0, ix.inverse)[None]
 
 
-def torch_varlen_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):
-    """torch's `varlen_attn` (CUDA, fp16/bf16), causal; GQA flag only where this torch has one (2.13, not 2.11)."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    gqa = {"enable_gqa": q.shape[1] != k.shape[1]} if _varlen_has_gqa() else {}
-    return varlen_attn(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, max_q, max_k, scale=scale,
-                       window_size=(-1, 0), **gqa)
-
-
-def _varlen_has_gqa() -> bool:
-    from torch.nn.attention.varlen import varlen_attn
-
-    return "enable_gqa" in inspect.signature(varlen_attn).parameters
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Reward forward
 
 
-SDPA_REFERENCE = ("sdpa", "eager")
-
-
 def sharing_mode(model) -> str | None:
-    """How `model`'s attention can take a shared-prefix row: "layout" (reads the `prefix_layout` keyword: btrm's
-    segment and varlen), "mask" (sdpa / eager, explicit mask) or None (any other function would silently attend
-    across branches)."""
-    from btrm.modeling import SEGMENT, VARLEN
+    """How `model`'s attention takes a shared-prefix row, from btrm.attention's table: "layout", "mask" or None
+    (any other function would silently attend across branches)."""
+    from btrm.attention import BACKENDS
 
     impl = model.config._attn_implementation
-    return "layout" if impl in (SEGMENT, VARLEN) else "mask" if impl in SDPA_REFERENCE else None
+    return next((b.shares_prompt for b in BACKENDS.values() if b.hf_name == impl), None)
 
 
 def prefix_rewards(model, input_ids: torch.Tensor, position_ids: torch.Tensor, layout: PrefixLayout) -> torch.Tensor:

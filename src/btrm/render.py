@@ -32,4 +32,5 @@ def render_ids(tokenizer, messages: Sequence[dict], chat_template_kwargs: dict[s
 
 
 def render_many(tokenizer, conversations: Sequence[Sequence[dict]], chat_template_kwargs=None) -> list[list[int]]:
+    """Token ids of many conversations, tokenized in one call (the training data path)."""
     return tokenize_texts(tokenizer, [render_text(tokenizer, c, chat_template_kwargs) for c in conversations])

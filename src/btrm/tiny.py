@@ -15,6 +15,7 @@ behaviour, config ids) without downloading gigabytes. Everything here is determi
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -441,6 +442,20 @@ def write_preference_jsonl(path, n: int, seed: int = 0) -> Path:
     return path
 
 
+def lognormal_lengths(rng, median: float, sigma: float, size: int | None = None, lo: int = 1, hi: int | None = None):
+    """Long-tailed lengths (tokens or words): lognormal with this median and log-space sigma, clipped to
+    [lo, hi] and truncated to whole numbers. One int, or an int array of `size`. `rng` is a numpy Generator."""
+    import numpy as np
+
+    x = np.clip(rng.lognormal(math.log(median), sigma, size), lo, hi)
+    return int(x) if size is None else x.astype(int)
+
+
+def lognormal_text(rng, words, median: float, sigma: float, cap: int) -> str:
+    """A text of lognormal length (at most `cap` words) drawn from `words`."""
+    return " ".join(rng.choice(words, size=lognormal_lengths(rng, median, sigma, hi=cap)))
+
+
 def lognormal_pair_sizes(n: int = 20480, seed: int = 0, cap: int = 16384) -> list[int]:
     """Token counts of ``n`` long-tailed preference pairs (a shared prompt plus two responses, each lognormal).
 
@@ -450,8 +465,8 @@ def lognormal_pair_sizes(n: int = 20480, seed: int = 0, cap: int = 16384) -> lis
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    prompt = np.clip(rng.lognormal(5.5, 1.0, n), 8, 6000).astype(int)
-    chosen = prompt + np.clip(rng.lognormal(5.8, 0.9, n), 4, 5000).astype(int)
-    rejected = prompt + np.clip(rng.lognormal(5.8, 0.9, n), 4, 5000).astype(int)
+    prompt = lognormal_lengths(rng, math.exp(5.5), 1.0, n, 8, 6000)  # median ~245 tokens
+    chosen = prompt + lognormal_lengths(rng, math.exp(5.8), 0.9, n, 4, 5000)  # median ~330 tokens
+    rejected = prompt + lognormal_lengths(rng, math.exp(5.8), 0.9, n, 4, 5000)
     sizes = chosen + rejected
     return sizes[sizes <= cap].tolist()

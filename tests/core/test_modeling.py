@@ -6,7 +6,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from btrm.data.packing import collate_pairs
 from btrm.loss import bt_loss
-from btrm.modeling import SEGMENT, ensure_pad_token, load_reward_model, packed_rewards
+from btrm.attention import SEGMENT
+from btrm.modeling import ensure_pad_token, load_reward_model, packed_rewards
 from btrm.render import render_ids
 
 WORDS = "the cat sat on a warm mat while rain fell over quiet hills and rivers".split()

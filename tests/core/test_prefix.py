@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from btrm.data.prefix import common_prefix_len, group_by_prefix, item_tokens, pack_items, shared_prefix_len
+from btrm.data.packing import collate
+from btrm.data.prefix import common_prefix_len, group_by_prefix, item_tokens, shared_prefix_len
 
 
 def test_shared_prefix_keeps_a_token_in_every_branch():
@@ -42,7 +43,7 @@ def brute_mask(items, share_min):
 
 
 ITEMS = [
-    [[1, 2, 3, 4, 5], [1, 2, 3, 6]],  # a pair sharing [1, 2, 3]
+    [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6]],  # a pair sharing [1, 2, 3, 4]
     [[9, 8], [7, 8, 9]],  # nothing shared: two whole sequences
     [[4, 4, 4, 1], [4, 4, 4, 2], [4, 4, 4, 3, 3]],  # best-of-3 with one-token branches
     [[5, 6, 7]],  # a lone sequence
@@ -52,7 +53,7 @@ ITEMS = [
 
 @pytest.mark.parametrize("share_min", [1, 4])
 def test_layout_matches_definition(share_min):
-    row = pack_items(ITEMS, min_prefix=share_min)
+    row = collate(ITEMS, share=True, min_prefix=share_min)
     toks, pos, allowed, ends = brute_mask(ITEMS, share_min)
     assert row.input_ids[0].tolist() == toks
     assert row.position_ids[0].tolist() == pos
@@ -78,15 +79,14 @@ def test_layout_matches_definition(share_min):
 
 
 def test_unshared_row_is_plain_packing():
-    row = pack_items(ITEMS, share=False, min_prefix=1)
-    assert row.num_tokens == row.prefix.sequence_tokens
-    assert not row.prefix.shared
-    assert row.prefix.lengths == [len(s) for seqs in ITEMS for s in seqs]
+    row = collate(ITEMS, share=False)
+    assert row.prefix is None and row.num_tokens == sum(len(s) for seqs in ITEMS for s in seqs)
+    assert row.cu_seqlens.diff().tolist() == [len(s) for seqs in ITEMS for s in seqs]
 
 
 def test_empty_sequence_is_refused():
     with pytest.raises(ValueError, match="empty"):
-        pack_items([[[1, 2], []]])
+        collate([[[1, 2], []]], share=True)
 
 
 def test_group_by_prefix_finds_prompts_and_respects_capacity():
@@ -130,9 +130,9 @@ def test_tokenized_pairs_record_prompt_length(tmp_path, tiny_llama_dir):
         micro, plan, sizes = rank_micro_batches(data, pairs, 600, 2, 1, share)
         for batch, mb in zip(micro, plan[1]):
             assert batch.num_tokens == sum(sizes[i] for i in mb) <= 600
-            assert batch.pair_ids == [pairs[i] for i in mb]
+            assert batch.item_ids == [pairs[i] for i in mb]
             assert (batch.prefix is not None) == share
             ends = batch.ends.tolist()
-            for k, p in enumerate(batch.pair_ids):  # the reward tokens are the pair's last tokens
+            for k, p in enumerate(batch.item_ids):  # the reward tokens are the pair's last tokens
                 assert batch.input_ids[0, ends[2 * k]] == ds[p]["chosen_ids"][-1]
                 assert batch.input_ids[0, ends[2 * k + 1]] == ds[p]["rejected_ids"][-1]

@@ -7,13 +7,14 @@ j <= i + seqlen_k - seqlen_q: aligned bottom-right).
 
 import pytest
 import torch
-import torch.nn.attention.varlen as torch_varlen
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from btrm.data.prefix import pack_items
+from btrm import attention
+from btrm.data.packing import collate
 from btrm.loss import bt_loss
-from btrm.modeling import SEGMENT, VARLEN, ensure_pad_token, load_reward_model, packed_rewards
+from btrm.attention import SEGMENT, VARLEN
+from btrm.modeling import ensure_pad_token, load_reward_model, packed_rewards
 from btrm.render import render_ids
 
 
@@ -100,8 +101,8 @@ def models(request, tiny_llama_dir, tiny_qwen3_dir):
 
 def _set_backend(model, name, monkeypatch):
     impl, standin = BACKENDS[name]
-    if standin is not None:
-        monkeypatch.setattr(torch_varlen, "varlen_attn", standin)
+    if standin is not None:  # btrm_varlen calls the kernel the probe of this torch returns
+        monkeypatch.setattr(attention, "torch_varlen", lambda: attention.probe_varlen(standin))
     model.set_attn_implementation(impl)
 
 
@@ -118,7 +119,7 @@ def test_shared_rewards_and_gradients_match_hf(models, backend, monkeypatch):
     tok, ours, ref = models
     _set_backend(ours, backend, monkeypatch)
     rows = _rows(tok)
-    packed = [pack_items(r, min_prefix=1) for r in rows]
+    packed = [collate(r, share=True, min_prefix=1) for r in rows]
     assert all(p.num_tokens < p.prefix.sequence_tokens for p in packed)  # the prompts really are shared
     rewards = torch.cat([packed_rewards(ours, p) for p in packed])
     loss = bt_loss(rewards[0::2], rewards[1::2])[0]
@@ -144,7 +145,7 @@ def test_shared_equals_unshared_row(models, backend, monkeypatch):
     grads, rewards = [], []
     for share in (True, False):
         ours.zero_grad()
-        r = torch.cat([packed_rewards(ours, pack_items(row, share=share, min_prefix=1)) for row in rows])
+        r = torch.cat([packed_rewards(ours, collate(row, share=share, min_prefix=1)) for row in rows])
         bt_loss(r[0::2], r[1::2])[0].backward()
         rewards.append(r.detach())
         grads.append({n: p.grad.clone() for n, p in ours.named_parameters()})
@@ -157,7 +158,7 @@ def test_unaware_backend_refuses_shared_rows(models):
     tok, ours, _ = models
     ours.config._attn_implementation = "flash_attention_2"  # would attend across branches: must raise, not run
     with pytest.raises(ValueError, match="cannot share prompts"):
-        packed_rewards(ours, pack_items(_rows(tok)[0], min_prefix=1))
+        packed_rewards(ours, collate(_rows(tok)[0], share=True, min_prefix=1))
 
 
 @pytest.mark.parametrize("p,b", [(7, 1), (3, 9), (16, 16)])
@@ -185,7 +186,7 @@ def test_activation_checkpointing_keeps_the_layout(models):
     from btrm.modeling import enable_activation_checkpointing
 
     tok, ours, _ = models
-    batch = pack_items(_rows(tok)[1], min_prefix=1)
+    batch = collate(_rows(tok)[1], share=True, min_prefix=1)
     grads = []
     for checkpointing in (False, True):
         if checkpointing:

@@ -74,3 +74,47 @@ def test_formats_columns_swap_weights(tmp_path):
     pm, own = load_pairs([SourceConfig(path=str(tmp_path / "pm.jsonl"))], DataReport())
     assert pm.chosen == [U, A("a")] and pm.rejected == [U, A("b")] and pm.category == "c"
     assert pm.source == "pm" and own.source == "helpsteer"  # a row's own source column wins over the file name
+
+
+def test_json_lines_named_json_and_column_json(tmp_path):
+    # the reader benchmark data uses too: JSON lines saved as .json, {"data": [...]}, and columns all read
+    (tmp_path / "lines.json").write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n")
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": [GOOD]}))
+    (tmp_path / "columns.json").write_text(json.dumps({"chosen": [GOOD["chosen"]], "rejected": [GOOD["rejected"]]}))
+    for name, n in [("lines.json", 2), ("wrapped.json", 1), ("columns.json", 1)]:
+        assert len(load_pairs([SourceConfig(path=str(tmp_path / name))], DataReport())) == n
+
+
+def test_null_chosen_is_null_field_on_the_cli(tmp_path):
+    """`btrm data clean`: a null chosen (beside a message-list rejected) is null_field, named on stderr's last line."""
+    import subprocess
+    import sys
+
+    f = write_jsonl(tmp_path / "d.jsonl", [GOOD, {"chosen": None, "rejected": [U, A("x")]}])
+    out = tmp_path / "clean.jsonl"
+    cmd = [sys.executable, "-m", "btrm.cli", "data", "clean", "--source", str(f), "--output", str(out)]
+    proc = subprocess.run([*cmd, "--strict"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith(f"{f}:2: field 'chosen': null_field")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    report = json.loads((tmp_path / "clean.report.json").read_text())
+    assert report["invalid_rows"] == {"d": {"null_field": 1}}
+
+
+def test_report_round_trips_and_formats_itself(tmp_path):
+    # two sources: a has 1 null_field + 1 bad_json, b has 1 null_field; b also had a pair dropped as over-long
+    a = write_jsonl(tmp_path / "a.jsonl", [GOOD, BAD_ROWS["null_field"][0], "{not json"])
+    b = write_jsonl(tmp_path / "b.jsonl", [BAD_ROWS["null_field"][0], GOOD])
+    report = DataReport()
+    load_pairs([SourceConfig(path=str(a), name="a"), SourceConfig(path=str(b), name="b")], report)
+    report.overlong_dropped["b"] += 1
+    again = DataReport.from_dict(json.loads(json.dumps(report.as_dict())))  # as the tokenized cache keeps it
+    assert again.as_dict() == report.as_dict()
+    assert again.metrics("train") == {"data/train_skipped/null_field": 2, "data/train_skipped/bad_json": 1,
+                                      "data/train_overlong_dropped": 1, "data/train_overlong_truncated": 0}
+    lines = again.log_lines("train")
+    assert lines[0] == ('  train skipped invalid rows: {"a": {"null_field": 1, "bad_json": 1}, '
+                        '"b": {"null_field": 1}}')
+    assert len(lines) == 4 and lines[-1] == '  train over-long pairs dropped: {"b": 1}'
+    assert DataReport().log_lines("eval") == []

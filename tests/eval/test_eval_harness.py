@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from evalhelp import FIXTURES, Counting, embedded_score
 
+from btrm.errors import UserError
 from btrm.eval import BENCHMARKS, evaluate, markdown_table, recompute
 from btrm.eval.io import read_records
 
@@ -68,10 +69,10 @@ def test_over_length_skip_drops_rows_and_reports_them(tmp_path):
     assert recompute(tmp_path / "rm-bench.rows.jsonl") == r
 
 
-def test_over_length_score_counts_but_keeps_rows():
+def test_over_length_truncate_without_cut_length_trusts_the_scorer():
     counter = Counting()
     r = evaluate(counter, "rm-bench", str(FIXTURES / "rm-bench.json"), max_length=40, length_fn=_chars,
-                 over_length="score", progress=False)
+                 over_length="truncate", progress=False)
     assert r["counts"]["rows_skipped"] == 0 and r["counts"]["over_length"] > 0
     assert counter.forwards == r["counts"]["distinct_conversations"]
     plain = evaluate(embedded_score, "rm-bench", str(FIXTURES / "rm-bench.json"), progress=False)
@@ -99,20 +100,27 @@ def test_per_row_file_holds_scores_and_results(tmp_path):
                         "scores": {"A": 2.0, "B": 1.0}, "result": 1.0}
 
 
-def test_table_row_in_card_order_with_average_of_present():
+def test_table_row_in_card_order_and_no_average_of_a_partial_row():
     table = markdown_table("tiny", {"judgebench": 60.0, "rewardbench": 90.0, "rmb": 70.04})
     header, sep, row = table.splitlines()
     assert header == ("| Model | RewardBench v1 | RewardBench v2 | PPE Preference | PPE Correctness | RMB | RM-Bench "
                       "| JudgeBench | Avg. |")
     assert sep.count("|") == header.count("|")
-    assert row == "| tiny | 90.0 | - | - | - | 70.0 | - | 60.0 | 73.3 |"
+    # the card's Avg. is over all seven columns: a mean of three would look comparable and isn't
+    assert row == "| tiny | 90.0 | - | - | - | 70.0 | - | 60.0 | - |"
+
+
+def test_table_average_of_a_full_row():
+    # Skywork-Reward-V2-Llama-3.1-8B's card row: (96.4 + 84.1 + 77.3 + 83.4 + 86.4 + 92.8 + 80.0) / 7 = 85.77
+    card = dict(zip(BENCHMARKS, [96.4, 84.1, 77.3, 83.4, 86.4, 92.8, 80.0]))
+    assert markdown_table("m", card).splitlines()[2] == "| m | 96.4 | 84.1 | 77.3 | 83.4 | 86.4 | 92.8 | 80.0 | 85.8 |"
 
 
 def test_table_accumulates_benchmarks_run_separately(tmp_path):
     evaluate(embedded_score, "judgebench", str(FIXTURES / "judgebench.jsonl"), tmp_path, model_name="m", progress=False)
     evaluate(embedded_score, "rm-bench", str(FIXTURES / "rm-bench.json"), tmp_path, model_name="m", progress=False)
     row = (tmp_path / "table.md").read_text().splitlines()[2]
-    assert row == "| m | - | - | - | - | - | 50.0 | 66.7 | 58.3 |"
+    assert row == "| m | - | - | - | - | - | 50.0 | 66.7 | - |"
 
 
 def test_loaders_read_parquet_jsonl_json_and_folders(tmp_path):
@@ -132,6 +140,28 @@ def test_loaders_read_parquet_jsonl_json_and_folders(tmp_path):
         "BoN_set/Harmlessness/S1", "BoN_set/Helpfulness/Chat/Discussion",
         "Pairwise_set/Harmlessness/S1", "Pairwise_set/Helpfulness/Chat/Discussion",
     }
+
+
+def test_bad_files_fail_naming_file_and_line(tmp_path):
+    # one reader for training data and benchmark data (btrm.data.sources.iter_file): same origins, same errors
+    lines = (FIXTURES / "judgebench.jsonl").read_text().splitlines()
+    bad = tmp_path / "jb.jsonl"
+    bad.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=f"{bad}:2: field '<row>': bad_json"):
+        read_records(str(bad), ())
+    scalar = tmp_path / "one.json"
+    scalar.write_text("5")
+    with pytest.raises(ValueError, match="one.json: expected a JSON list of rows, got int"):
+        read_records(str(scalar), ())
+
+
+def test_missing_field_names_benchmark_file_row_and_field(tmp_path):
+    rows = [json.loads(line) for line in open(FIXTURES / "judgebench.jsonl")]
+    del rows[1]["label"]
+    path = tmp_path / "jb.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError, match="judgebench: jb row 1 has no field 'label'"):
+        evaluate(embedded_score, "judgebench", str(path), progress=False)
 
 
 def test_missing_local_path_is_not_sent_to_the_hub(tmp_path):

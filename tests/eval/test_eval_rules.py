@@ -23,6 +23,15 @@ def test_rewardbench_constants_are_the_official_ones():
     reasoning = ["math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"]
     assert rewardbench.SUBSET_MAPPING["Reasoning"] == reasoning
     assert sum(len(v) for v in rewardbench.SUBSET_MAPPING.values()) == len(rewardbench.EXAMPLE_COUNTS) == 23
+    # rewardbench/constants.py since "Mirror change from leaderboard" (September 2024, tags v0.1.3 / v0.1.4)
+    assert rewardbench.EXAMPLE_COUNTS["xstest-should-refuse"] == 154
+    assert rewardbench.EXAMPLE_COUNTS["xstest-should-respond"] == 250
+
+
+def test_rewardbench_safety_uses_the_official_xstest_weights():
+    # refuse all right, respond all wrong: Safety = 154 / (154 + 250), not the old 250 / 404
+    secs = rewardbench.sections({"xstest-should-refuse": 100.0, "xstest-should-respond": 0.0})
+    assert secs == {"Safety": pytest.approx(100 * 154 / 404)}
 
 
 def test_rewardbench_section_weighting():
@@ -34,7 +43,7 @@ def test_rewardbench_section_weighting():
     }
     chat = (0.5 * 100 + 1.0 * 40) / (100 + 40)
     chat_hard = 0.0
-    safety = (1.0 * 154 + 0.0 * 136) / (154 + 136)  # official count for xstest-should-respond is 154
+    safety = (1.0 * 250 + 0.0 * 136) / (250 + 136)  # official weight of xstest-should-respond: 250 (since 2024-09)
     reasoning = (1.0 * 984 + 0.5 * 164 + 0.0 * 164) / (984 + 164 + 164)  # = 0.8125: math-prm outweighs code
     expected = {"Chat": 100 * chat, "Chat Hard": 100 * chat_hard, "Safety": 100 * safety, "Reasoning": 100 * reasoning}
     assert r["details"]["sections"] == pytest.approx(expected)

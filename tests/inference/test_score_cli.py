@@ -102,3 +102,50 @@ def test_overlong_row(rm_dirs, tmp_path, capsys):
     assert re.search(rf"{re.escape(str(inp))}:4: field 'messages': \d+ tokens > max length 100", capsys.readouterr().err)
     assert score(rm_dirs["qwen3"], inp, out, "--max-length", "100", "--skip-bad") == 0
     assert "error" in read_jsonl(out)[3] and len(read_jsonl(out)) == 4
+
+
+def test_conversation_ending_with_the_user_is_refused(rm_dirs, tmp_path):
+    """No response to read a reward from: an error naming file, line and field (real CLI), or a counted skip."""
+    import subprocess
+    import sys
+
+    rows = [{"messages": c} for c in make_conversations(3, seed=6, max_words=20)]
+    rows[1]["messages"] = rows[1]["messages"][:-1]  # ends with the user's turn
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "o.jsonl"
+    cmd = [sys.executable, "-m", "btrm.cli", "score", "--model", str(rm_dirs["qwen3"]), "--input", str(inp),
+           "--output", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1] == (f"btrm score: error: {inp}:2: field 'messages': last_not_assistant "
+                                                 "(last role is 'user') (or pass --skip-bad)")
+    p = subprocess.run([*cmd, "--skip-bad"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "bad 1" in p.stdout
+    got = read_jsonl(out)
+    assert [("error" in r) for r in got] == [False, True, False] and "last_not_assistant" in got[1]["error"]
+
+
+def test_resume_gives_identical_output_in_bf16(rm_dirs, tmp_path, monkeypatch):
+    """Chunks start at fixed rows, so a resume packs every row with the same neighbours as an uninterrupted run:
+    the model sees the same sequence lists (recorded on their way in) and the output is equal bytes, not approx."""
+    forwards = []
+    score_ids = RewardModel.score_ids
+
+    def recorded(self, seqs, *a, **k):
+        forwards.append([tuple(s) for s in seqs])
+        return score_ids(self, seqs, *a, **k)
+
+    monkeypatch.setattr(RewardModel, "score_ids", recorded)
+    rows = [{"messages": c} for c in make_conversations(40, seed=23, max_words=80)]
+    inp = write_jsonl(tmp_path / "in.jsonl", rows)
+    full, cut = tmp_path / "full.jsonl", tmp_path / "cut.jsonl"
+    args = ("--dtype", "bf16", "--chunk-rows", "16", "--batch-tokens", "512")
+    assert score(rm_dirs["qwen3"], inp, full, *args) == 0
+    want = forwards[:]
+    assert len(want) == 3  # rows 0-15, 16-31, 32-39
+    for k in (7, 16, 29):  # inside a chunk, on a boundary, inside the last one
+        forwards.clear()
+        cut.write_text("".join(full.read_text().splitlines(keepends=True)[:k]))
+        assert score(rm_dirs["qwen3"], inp, cut, *args) == 0
+        assert forwards == want[k // 16:]
+        assert cut.read_text() == full.read_text()

@@ -95,6 +95,24 @@ def test_truncation_left_keeps_the_last_turn(rm_dirs):
         rm.score([conv2])
 
 
+def test_cut_length_is_the_least_truncation_reaches(rm_dirs):
+    # cut_length (what btrm eval uses to decide which rows to skip) agrees with what truncation='left' does
+    conv = [{"role": "user", "content": " ".join(["the ocean is calm"] * 40)},
+            {"role": "assistant", "content": "of course here is music"}]
+    full = RewardModel.from_pretrained(rm_dirs["llama3"])
+    n = full.cut_length(conv)
+    assert 0 < n < len(full.encode([conv])[0])
+    assert len(RewardModel.from_pretrained(rm_dirs["llama3"], max_length=n, truncation="left").encode([conv])[0]) == n
+    with pytest.raises(OverlongError, match=f"the last turn alone needs {n} tokens"):
+        RewardModel.from_pretrained(rm_dirs["llama3"], max_length=n - 1, truncation="left").encode([conv])
+    assert full.cut_length(conv[1:]) == len(full.encode([conv[1:]])[0])  # no prompt: nothing to cut
+
+
+def test_missing_local_checkpoint_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'nope'}: no such checkpoint directory"):
+        RewardModel.from_pretrained(tmp_path / "nope")
+
+
 def test_base_checkpoint_without_head_is_refused(rm_dirs):
     with pytest.raises(ValueError, match="no trained score head"):
         RewardModel.from_pretrained(rm_dirs["base"])
@@ -118,7 +136,11 @@ def test_checkpoint_meta_sets_template_kwargs_and_max_length(rm_dirs, tmp_path):
     meta = {"chat_template_kwargs": {"date_string": "01 Jan 2025"}, "max_length": 777}
     (tmp_path / "ck" / "btrm_meta.json").write_text(json.dumps(meta))
     rm = RewardModel.from_pretrained(tmp_path / "ck")
-    assert rm.chat_template_kwargs == meta["chat_template_kwargs"] and rm.max_length == 777
+    assert rm.chat_template_kwargs == meta["chat_template_kwargs"]
+    # the training length is recorded, not used as the cap: the model's usable length is (131072 positions -> 16384)
+    assert rm.train_max_length == 777 and rm.max_length == 16384
+    assert rm.length_note() == ("max_length 16384 tokens (min(max_position_embeddings 131072, 16384)); trained at 777 "
+                                "(btrm_meta.json)")
     conv = make_conversations(1)[0]
     assert "01 Jan 2025" in render_text(rm.tokenizer, conv, rm.chat_template_kwargs)
     plain = RewardModel.from_pretrained(rm_dirs["llama3"])

@@ -79,3 +79,16 @@ def test_two_rank_step_equals_unpacked_reference(tmp_path, tiny_llama_dir, stage
     assert abs(logged["eval/loss"] - bt_loss(c, r)[0].item() / len(ev)) <= 1e-5
     meta = json.loads((ckpt / "btrm_meta.json").read_text())
     assert meta["max_length"] == 256 and "chat_template_kwargs" in meta
+
+
+@pytest.mark.slow
+def test_fewer_pairs_than_ranks(tmp_path, tiny_llama_dir):
+    """One training pair per step and one held-out pair on 2 ranks: rank 1 runs weight-0 stand-in micro-steps
+    (every rank must join ZeRO's collectives), and the pair is counted once."""
+    config = write_config(tmp_path, tiny_llama_dir, write_preference_jsonl(tmp_path / "pairs.jsonl", 8, seed=4),
+                          data={"eval_sources": [{"path": str(write_preference_jsonl(tmp_path / "ev.jsonl", 1))}]},
+                          train={"max_steps": 1, "global_batch_pairs": 1})
+    train(config, 2)
+    logged = metrics(tmp_path / "out")[1]
+    assert logged["pairs"] == 1 and logged["micro_steps"] == 1 and logged["eval/pairs"] == 1
+    assert logged["eval/accuracy"] in (0.0, 1.0) and logged["eval/loss"] > 0

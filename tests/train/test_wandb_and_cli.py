@@ -32,3 +32,30 @@ def test_train_cli_rejects_unknown_key(tmp_path):
     p = subprocess.run([sys.executable, "train.py", "--config", str(cfg), "--optim.learning_rate=1"], cwd=REPO,
                        env=env(), capture_output=True, text=True)
     assert p.returncode == 2 and "optim.learning_rate" in p.stderr
+
+
+def test_train_cli_counts_responses_identical_once_rendered(tmp_path, tiny_llama_dir):
+    """Llama-3's template trims message content: "yes" and "  yes\\n" render to the same ids, so the pair teaches
+    nothing. Strict training stops naming it; the data report (prepare_data) counts it as identical_responses."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from btrm.config import DataConfig, SourceConfig
+    from btrm.data.dataset import prepare_data
+
+    u = {"role": "user", "content": "hi"}
+    data = write_preference_jsonl(tmp_path / "d.jsonl", 8)
+    with data.open("a") as f:
+        f.write(json.dumps({"chosen": [u, {"role": "assistant", "content": "yes"}],
+                            "rejected": [u, {"role": "assistant", "content": "  yes\n"}]}) + "\n")
+    cfg = write_config(tmp_path, tiny_llama_dir, data, data={"strict": True})
+    p = subprocess.run([sys.executable, "train.py", "--config", str(cfg)], cwd=REPO, env=env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode != 0
+    assert p.stderr.strip().splitlines()[-1].endswith(f"{data}:9: field 'rejected': identical_responses "
+                                                      "(the same tokens as chosen once rendered)")
+    prepared = prepare_data(DataConfig(sources=[SourceConfig(path=str(data), name="d")], cache_dir=str(tmp_path / "c")),
+                            AutoTokenizer.from_pretrained(tiny_llama_dir))
+    assert prepared.report["train"]["skipped"] == {"d": {"identical_responses": 1}}
+    assert prepared.report["train"]["kept"] == {"d": 8} and len(prepared.train) == 8

@@ -1,5 +1,5 @@
 """Curation of preference data: stats, clean, dedup, decontaminate, swap (the plain-code steps of the Skywork-V2
-pipeline, DESIGN.md).
+pipeline, docs/design.md).
 
 Every command reads the sources the way training does (`iter_pairs`: same formats, column maps, `swap`, `max_rows`;
 source `weight` is a sampling setting and is not applied here), streams the pairs through one step, and writes:
@@ -25,17 +25,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import sys
 import unicodedata
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
 
 from btrm.config import SourceConfig
 from btrm.data.pairs import Pair
-from btrm.data.sources import BadRow, DataReport, iter_pairs, iter_raw_rows, source_files, source_name
+from btrm.data.sources import BadRow, DataReport, iter_raw_rows, source_files, source_name, validate_rows
 
 OUTPUT_SUFFIXES = (".jsonl", ".parquet")
 BENCHMARK_FIELDS = ("prompt", "question", "conversation_input")
@@ -53,8 +57,8 @@ class Tally:
     removed: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))  # source -> reason -> n
     kept: Counter = field(default_factory=Counter)
 
-    def remove(self, pair: Pair, reason: str) -> None:
-        self.removed[pair.source][reason] += 1
+    def remove(self, source: str, reason: str) -> None:
+        self.removed[source][reason] += 1
 
     def report(self) -> dict[str, Any]:
         sources = list(dict.fromkeys([*self.data.read, *self.removed]))  # in reading order
@@ -74,12 +78,6 @@ class Tally:
         }
 
 
-def read_pairs(sources: list[SourceConfig], tally: Tally, strict: bool = False) -> Iterator[Pair]:
-    """Valid pairs of all sources in order; invalid rows are counted in `tally.data` (or raised when strict)."""
-    for src in sources:
-        yield from iter_pairs(src, tally.data, strict)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Writing
 
@@ -89,56 +87,156 @@ def pair_row(pair: Pair) -> dict[str, Any]:
             "margin": pair.margin}
 
 
-class PairWriter:
-    """Streams pairs to .jsonl or .parquet; the file appears under its name only once complete."""
+def parquet_schema():
+    import pyarrow as pa
 
-    def __init__(self, path: str | Path, batch_rows: int = 8192):
+    msg = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    return pa.schema([("chosen", msg), ("rejected", msg), ("source", pa.string()), ("category", pa.string()),
+                      ("margin", pa.float64())])
+
+
+def encode_rows(pairs: list[Pair], suffix: str):
+    """Pairs as the output file holds them: jsonl lines (optional fields only when set) or a pyarrow Table."""
+    rows = [pair_row(p) for p in pairs]
+    if suffix == ".jsonl":
+        return [json.dumps({k: v for k, v in r.items() if v is not None}, ensure_ascii=False) + "\n" for r in rows]
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(rows, schema=parquet_schema())
+
+
+class PairWriter:
+    """Writes encoded chunks (`encode_rows`) to .jsonl or .parquet; the file appears under its name only once
+    complete."""
+
+    def __init__(self, path: str | Path):
         self.path = Path(path)
         if self.path.suffix not in OUTPUT_SUFFIXES:
             raise ValueError(f"--output must end in {' or '.join(OUTPUT_SUFFIXES)}: {self.path}")
         self.tmp = self.path.with_name(f".{self.path.name}.partial")
-        self.batch_rows, self.rows = batch_rows, []
         self._file = self._parquet = None
 
     def __enter__(self) -> "PairWriter":
         if self.path.suffix == ".jsonl":
             self._file = self.tmp.open("w", encoding="utf-8")
         else:
-            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            msg = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-            self.schema = pa.schema([("chosen", msg), ("rejected", msg), ("source", pa.string()),
-                                     ("category", pa.string()), ("margin", pa.float64())])
-            self._parquet = pq.ParquetWriter(self.tmp, self.schema)
+            self._parquet = pq.ParquetWriter(self.tmp, parquet_schema())
         return self
 
-    def write(self, pair: Pair) -> None:
-        row = pair_row(pair)
-        if self._file is not None:  # jsonl: optional fields only when set
-            self._file.write(json.dumps({k: v for k, v in row.items() if v is not None}, ensure_ascii=False) + "\n")
+    def write(self, rows, keep: list[bool] | None = None) -> None:
+        """The rows of one encoded chunk, only those with keep[i] when given."""
+        if self._file is not None:
+            self._file.writelines(rows if keep is None else (r for r, k in zip(rows, keep) if k))
             return
-        self.rows.append(row)
-        if len(self.rows) >= self.batch_rows:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.rows:
+        if keep is not None:
             import pyarrow as pa
 
-            self._parquet.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
-            self.rows = []
+            rows = rows.filter(pa.array(keep, type=pa.bool_()))
+        if rows.num_rows:
+            self._parquet.write_table(rows)
 
     def __exit__(self, exc_type, *_) -> None:
         if self._file is not None:
             self._file.close()
         else:
-            self._flush()
             self._parquet.close()
         if exc_type is None:
             os.replace(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading in parallel: the main process reads raw rows (jsonl lines unparsed) in chunks; `num_proc` worker processes
+# parse and validate them, do the step's per-pair work (`annotate`: a hash, an n-gram match, token lengths) and encode
+# the output rows; the main process takes the chunks back in input order and makes every order-dependent decision
+# (first occurrence, counts) and writes. So the output is the same for any num_proc; chunk size only sets memory.
+
+CHUNK_ROWS = 4096
+Annotate = Callable[[list[Pair]], Any]  # chunk of pairs -> one value per pair (a list or an array)
+
+
+@dataclass
+class Chunk:
+    """What the main process gets back for one chunk of raw rows."""
+
+    report: DataReport  # rows read / invalid in this chunk
+    sources: list[str]  # per valid pair
+    origins: list[str]
+    info: Any  # annotate(pairs), or None
+    rows: Any  # the valid pairs encoded for the output (encode_rows), or None when there is no output
+
+
+@dataclass
+class Job:
+    """What every worker needs, set once per process."""
+
+    sources: list[SourceConfig]
+    strict: bool = False
+    annotate: Annotate | None = None
+    swap: bool = False  # write chosen and rejected exchanged
+    suffix: str | None = None  # output format to encode the rows in
+
+
+_JOB: list[Job] = []
+
+
+def _init_worker(job: Job) -> None:
+    _JOB[:] = [job]
+
+
+def _work(chunk: tuple[int, list[tuple[str, Any]]]) -> Chunk:
+    job = _JOB[0]
+    k, raw = chunk
+    report = DataReport()
+    pairs = list(validate_rows(job.sources[k], raw, report, job.strict))
+    if job.swap:
+        pairs = [p.swapped() for p in pairs]
+    return Chunk(report, [p.source for p in pairs], [p.origin for p in pairs],
+                 job.annotate(pairs) if job.annotate is not None and pairs else None,
+                 encode_rows(pairs, job.suffix) if job.suffix else None)
+
+
+def _raw_chunks(sources: list[SourceConfig], rows: int) -> Iterator[tuple[int, list[tuple[str, Any]]]]:
+    for k, src in enumerate(sources):
+        chunk = []
+        for item in iter_raw_rows(src, parse=False):
+            chunk.append(item)
+            if len(chunk) == rows:
+                yield k, chunk
+                chunk = []
+        if chunk:
+            yield k, chunk
+
+
+def read_chunks(job: Job, tally: "Tally", num_proc: int = 1) -> Iterator[Chunk]:
+    """The chunks of all sources in input order; invalid rows are counted in `tally.data` (or raised when strict:
+    the first bad row in input order). At most 2 * num_proc chunks are in flight."""
+    if num_proc < 1:
+        raise ValueError(f"--num-proc must be >= 1, got {num_proc}")
+    raw = _raw_chunks(job.sources, CHUNK_ROWS)
+    if num_proc == 1:  # the same code in this process
+        _init_worker(job)
+        for chunk in map(_work, raw):
+            tally.data.merge(chunk.report)
+            yield chunk
+        return
+    methods = multiprocessing.get_all_start_methods()  # fork: workers inherit the index / tokenizer, no pickling
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with ctx.Pool(num_proc, _init_worker, (job,)) as pool:
+        pending: deque = deque()
+        for item in raw:
+            pending.append(pool.apply_async(_work, (item,)))
+            if len(pending) >= 2 * num_proc:
+                chunk = pending.popleft().get()
+                tally.data.merge(chunk.report)
+                yield chunk
+        while pending:
+            chunk = pending.popleft().get()
+            tally.data.merge(chunk.report)
+            yield chunk
 
 
 def report_path(output: str | Path) -> Path:
@@ -156,34 +254,89 @@ def check_not_input(output: Path, sources: list[SourceConfig]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Steps: Pair stream -> Pair stream, every removal counted
+# Steps: the main-process half of each step, called on every chunk in input order; returns which pairs to keep
+# (None: all) and counts every removal
 
 
 def _norm_ws(text: str) -> str:
     return " ".join(text.split())
 
 
-def dedup_key(pair: Pair) -> bytes:
-    """16-byte digest of the normalised (history, chosen response, rejected response)."""
+def dedup_key(pair: Pair) -> int:
+    """64-bit digest of the normalised (history, chosen response, rejected response). Two different pairs share a
+    key with probability n^2 / 2^65 over n pairs: < 1e-4 for 40M pairs."""
     key = [[[m["role"], _norm_ws(m["content"])] for m in pair.prompt],
            _norm_ws(pair.chosen[-1]["content"]), _norm_ws(pair.rejected[-1]["content"])]
-    return hashlib.blake2b(json.dumps(key, ensure_ascii=False).encode(), digest_size=16).digest()
+    return int.from_bytes(hashlib.blake2b(json.dumps(key, ensure_ascii=False).encode(), digest_size=8).digest(),
+                          "little")
 
 
-def dedup(pairs: Iterable[Pair], tally: Tally, details: dict) -> Iterator[Pair]:
-    """Keep the first occurrence of each key across all sources; details['duplicate_of'][src][first_src] = n."""
-    first: dict[bytes, str] = {}
-    duplicate_of: dict[str, Counter] = defaultdict(Counter)
-    for pair in pairs:
-        key = dedup_key(pair)
-        seen = first.get(key)
-        if seen is None:
-            first[key] = pair.source
-            yield pair
-        else:
-            tally.remove(pair, "duplicate")
-            duplicate_of[pair.source][seen] += 1
-    details["duplicate_of"] = {s: dict(c) for s, c in duplicate_of.items()}
+def dedup_keys(pairs: list[Pair]) -> np.ndarray:
+    """The dedup step's per-pair work (run in the workers)."""
+    return np.fromiter((dedup_key(p) for p in pairs), dtype=np.uint64, count=len(pairs))
+
+
+class SeenKeys:
+    """The first source of every key seen so far, in sorted numpy runs merged when a run reaches the size of the one
+    before it (a log-structured set): 8 bytes of key + 2 of source per distinct pair, about twice that while two
+    runs merge, so memory is ~10-20 MB per million distinct pairs (not ~100 MB with a Python dict)."""
+
+    def __init__(self):
+        self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted keys uint64, source index uint16)
+
+    def __len__(self) -> int:
+        return sum(len(k) for k, _ in self.runs)
+
+    def add(self, keys: np.ndarray, sources: np.ndarray) -> np.ndarray:
+        """For a chunk in input order: the source index of each key's earlier occurrence, or -1 for first ones
+        (which are then remembered)."""
+        first_of = np.full(len(keys), -1, dtype=np.int64)
+        uniq, first_pos, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        earlier = np.full(len(uniq), -1, dtype=np.int64)
+        for run_keys, run_src in self.runs:
+            i = np.minimum(np.searchsorted(run_keys, uniq), len(run_keys) - 1)
+            hit = (run_keys[i] == uniq) & (earlier < 0)
+            earlier[hit] = run_src[i[hit]]
+        new = earlier < 0
+        # within the chunk, every occurrence after the first is a duplicate of the first
+        earlier_in_chunk = np.where(new, sources[first_pos], earlier)[inverse]
+        later = np.arange(len(keys)) != first_pos[inverse]
+        first_of[later | ~new[inverse]] = earlier_in_chunk[later | ~new[inverse]]
+        if new.any():
+            self.runs.append((uniq[new], sources[first_pos[new]].astype(np.uint16)))
+            while len(self.runs) > 1 and len(self.runs[-1][0]) >= len(self.runs[-2][0]):
+                (k2, s2), (k1, s1) = self.runs.pop(), self.runs.pop()
+                k, src = np.concatenate([k1, k2]), np.concatenate([s1, s2])
+                order = np.argsort(k, kind="stable")
+                self.runs.append((k[order], src[order]))
+        return first_of
+
+
+class Dedup:
+    """Keep the first occurrence of each key across all sources; details: duplicate_of[src][first_src] = n."""
+
+    def __init__(self, tally: Tally):
+        self.tally, self.seen, self.names = tally, SeenKeys(), {}
+        self.duplicate_of: dict[str, Counter] = defaultdict(Counter)
+
+    def __call__(self, chunk: Chunk) -> list[bool] | None:
+        if not chunk.sources:
+            return None
+        src = np.fromiter((self.names.setdefault(s, len(self.names)) for s in chunk.sources), dtype=np.int64,
+                          count=len(chunk.sources))
+        if len(self.names) > 65535:
+            raise ValueError("dedup counts at most 65,535 distinct source names")
+        first = self.seen.add(chunk.info, src).tolist()
+        for source, f in zip(chunk.sources, first):
+            if f >= 0:
+                self.tally.remove(source, "duplicate")
+                self.duplicate_of[source][f] += 1
+        return [f < 0 for f in first]
+
+    def details(self) -> dict[str, Any]:
+        by_index = list(self.names)
+        return {"duplicate_of": {s: {by_index[k]: n for k, n in c.items()} for s, c in self.duplicate_of.items()},
+                "distinct_keys": len(self.seen)}
 
 
 _PUNCT: dict[int, None] | None = None
@@ -260,26 +413,34 @@ class BenchmarkIndex:
         return None
 
 
-def decontaminate(pairs: Iterable[Pair], index: BenchmarkIndex, tally: Tally, details: dict,
-                  max_examples: int = 20) -> Iterator[Pair]:
-    per_file: Counter = Counter()
-    examples = []
-    for pair in pairs:
-        hit = index.match(pair)
-        if hit is None:
-            yield pair
-            continue
-        tally.remove(pair, "contaminated")
-        per_file[index.files[hit[1]]] += 1
-        if len(examples) < max_examples:
-            examples.append({"origin": pair.origin, "source": pair.source, "benchmark": index.files[hit[1]],
-                             "ngram": hit[0]})
-    details["benchmarks"] = {f: {**index.stats[f], "pairs_matched": per_file[f]} for f in index.files}
-    details["contaminated_examples"] = examples
+def match_all(index: BenchmarkIndex, pairs: list[Pair]) -> list[tuple[str, int] | None]:
+    """The decontaminate step's per-pair work (run in the workers)."""
+    return [index.match(p) for p in pairs]
 
 
-def swap(pairs: Iterable[Pair]) -> Iterator[Pair]:
-    return (p.swapped() for p in pairs)
+class Decontaminate:
+    """Drop pairs whose user turns share an n-gram with a benchmark prompt (`match_all` ran in the workers)."""
+
+    def __init__(self, index: BenchmarkIndex, tally: Tally, max_examples: int = 20):
+        self.index, self.tally, self.max_examples = index, tally, max_examples
+        self.per_file: Counter = Counter()
+        self.examples: list[dict] = []
+
+    def __call__(self, chunk: Chunk) -> list[bool] | None:
+        if not chunk.sources:
+            return None
+        for source, origin, hit in zip(chunk.sources, chunk.origins, chunk.info):
+            if hit is not None:
+                self.tally.remove(source, "contaminated")
+                self.per_file[self.index.files[hit[1]]] += 1
+                if len(self.examples) < self.max_examples:
+                    self.examples.append({"origin": origin, "source": source,
+                                          "benchmark": self.index.files[hit[1]], "ngram": hit[0]})
+        return [hit is None for hit in chunk.info]
+
+    def details(self) -> dict[str, Any]:
+        return {"benchmarks": {f: {**self.index.stats[f], "pairs_matched": self.per_file[f]} for f in self.index.files},
+                "contaminated_examples": self.examples}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -287,8 +448,6 @@ def swap(pairs: Iterable[Pair]) -> Iterator[Pair]:
 
 
 def _percentiles(values) -> dict[str, float]:
-    import numpy as np
-
     a = np.asarray(values)
     if a.size == 0:
         return {"count": 0}
@@ -297,47 +456,43 @@ def _percentiles(values) -> dict[str, float]:
             "p99": float(p99), "max": int(a.max())}
 
 
-def length_stats(pairs: Iterable[Pair], tokenizer, chat_template_kwargs: dict | None, max_length: int,
-                 max_tokens: int, batch_pairs: int = 512) -> tuple[dict, list[int]]:
-    """Token lengths through the shared render function: per conversation and per pair (chosen + rejected),
-    overall and per source, and the shares training would treat as over-long."""
+def pair_lengths(tokenizer, chat_template_kwargs: dict | None, pairs: list[Pair]) -> np.ndarray:
+    """The stats step's per-pair work (run in the workers): rendered token lengths, shape (pairs, 2)."""
     from btrm.render import render_text, tokenize_texts
 
-    conv: list[int] = []
-    pair_len: dict[str, list[int]] = defaultdict(list)
-    over_len = over_tokens = 0
+    texts = [render_text(tokenizer, c, chat_template_kwargs) for p in pairs for c in (p.chosen, p.rejected)]
+    lens = [len(ids) for ids in tokenize_texts(tokenizer, texts)]
+    return np.asarray(lens, dtype=np.int64).reshape(-1, 2)
 
-    def flush(batch: list[Pair]) -> None:
-        nonlocal over_len, over_tokens
-        texts = [render_text(tokenizer, c, chat_template_kwargs) for p in batch for c in (p.chosen, p.rejected)]
-        lens = [len(ids) for ids in tokenize_texts(tokenizer, texts)]
-        for p, c, r in zip(batch, lens[0::2], lens[1::2]):
-            conv.extend((c, r))
-            pair_len[p.source].append(c + r)
-            over_len += max(c, r) > max_length
-            over_tokens += c + r > max_tokens
 
-    batch: list[Pair] = []
-    for pair in pairs:
-        batch.append(pair)
-        if len(batch) == batch_pairs:
-            flush(batch)
-            batch = []
-    flush(batch)
-    n = sum(len(v) for v in pair_len.values())
+def length_stats(chunks: Iterable[Chunk], max_length: int, max_tokens: int) -> tuple[dict, np.ndarray]:
+    """Token lengths through the shared render function (`pair_lengths` ran in the workers): per conversation and
+    per pair (chosen + rejected), overall and per source, and the shares training would treat as over-long."""
+    per_source: dict[str, list[np.ndarray]] = defaultdict(list)
+    parts = []
+    for chunk in chunks:
+        if not chunk.sources:
+            continue
+        parts.append(chunk.info)
+        src = np.asarray(chunk.sources, dtype=object)
+        for name in dict.fromkeys(chunk.sources):
+            per_source[name].append(chunk.info[src == name].sum(axis=1))
+    lens = np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
+    conv, pair_len = lens.reshape(-1), lens.sum(axis=1)
+    n = len(lens)
     stats = {
         "conversation_tokens": _percentiles(conv),
-        "pair_tokens": _percentiles([x for v in pair_len.values() for x in v]),
-        "pair_tokens_by_source": {s: _percentiles(v) for s, v in sorted(pair_len.items())},
+        "pair_tokens": _percentiles(pair_len),
+        "pair_tokens_by_source": {s: _percentiles(np.concatenate(v)) for s, v in sorted(per_source.items())},
         "max_length": max_length, "max_tokens": max_tokens,
-        "share_conversations_over_max_length": round(sum(x > max_length for x in conv) / max(len(conv), 1), 6),
-        "share_pairs_over_max_length": round(over_len / max(n, 1), 6),
-        "share_pairs_over_max_tokens": round(over_tokens / max(n, 1), 6),
+        "share_conversations_over_max_length": round(int((conv > max_length).sum()) / max(len(conv), 1), 6),
+        "share_pairs_over_max_length": round(int((lens.max(axis=1, initial=0) > max_length).sum()) / max(n, 1), 6),
+        "share_pairs_over_max_tokens": round(int((pair_len > max_tokens).sum()) / max(n, 1), 6),
     }
     return stats, conv
 
 
-def plot_histogram(lengths: list[int], max_length: int, path: Path, title: str) -> None:
+def plot_histogram(lengths, max_length: int, path: Path, title: str) -> None:
     try:
         import matplotlib
     except ImportError:
@@ -347,7 +502,7 @@ def plot_histogram(lengths: list[int], max_length: int, path: Path, title: str) 
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.hist(lengths, bins=60, color="#4D5EFF")
-    longest = max(lengths, default=0)
+    longest = int(np.max(lengths, initial=0))
     label = f"max_length = {max_length:,}"
     if max_length <= 2 * longest:  # draw the limit where it does not squash the data into one bar
         ax.axvline(max_length, color="#D33", linestyle="--", label=label)
@@ -364,14 +519,18 @@ def plot_histogram(lengths: list[int], max_length: int, path: Path, title: str) 
 # One command end to end
 
 
-COMMANDS = ("stats", "clean", "dedup", "decontaminate", "swap")
+COMMANDS = ("stats", "clean", "dedup", "decontaminate", "swap", "filter")
 
 
 def run_command(command: str, sources: list[SourceConfig], output: str | Path, *, strict: bool = False,
-                benchmark_files: list[str] | None = None, ngram: int = 13, tokenizer=None,
-                chat_template_kwargs: dict | None = None, max_length: int = 16384,
-                max_tokens: int = 16384) -> dict[str, Any]:
-    """Run one curation command; returns the report it also writes next to `output`."""
+                num_proc: int = 1, benchmark_files: list[str] | None = None, ngram: int = 13, tokenizer=None,
+                chat_template_kwargs: dict | None = None, max_length: int = 16384, max_tokens: int = 16384,
+                score=None, scorer_info: dict | None = None, rule=None) -> dict[str, Any]:
+    """Run one curation command; returns the report it also writes next to `output`.
+
+    num_proc: worker processes that parse, validate, do each pair's work and encode the output (the output and
+    the report are the same for any value). filter: `score` (rm_filter.local_scorer / remote_scorer) and `rule`
+    (rm_filter.FilterRule)."""
     if command not in COMMANDS:
         raise ValueError(f"unknown command {command!r}; expected one of {COMMANDS}")
     if not sources:
@@ -380,12 +539,12 @@ def run_command(command: str, sources: list[SourceConfig], output: str | Path, *
     check_not_input(output, sources)
     output.parent.mkdir(parents=True, exist_ok=True)
     tally = Tally()
-    details: dict[str, Any] = {}
     settings: dict[str, Any] = {}
-    pairs: Iterable[Pair] = read_pairs(sources, tally, strict)
+    job = Job(sources, strict, swap=command == "swap", suffix=None if command == "stats" else output.suffix)
+    step = None
     if command == "dedup":
         settings["key"] = "(history, chosen, rejected); whitespace stripped and runs collapsed; case kept"
-        pairs = dedup(pairs, tally, details)
+        job.annotate, step = dedup_keys, Dedup(tally)
     elif command == "decontaminate":
         if not benchmark_files:
             raise ValueError("decontaminate needs --benchmark-prompts FILE [FILE ...]")
@@ -393,27 +552,42 @@ def run_command(command: str, sources: list[SourceConfig], output: str | Path, *
         settings.update(ngram=ngram, unit="whitespace words, lower-cased, punctuation deleted",
                         turns="user turns of the pair vs benchmark prompt fields " + "/".join(BENCHMARK_FIELDS),
                         benchmark_ngrams=len(index.grams))
-        pairs = decontaminate(pairs, index, tally, details)
-    elif command == "swap":
-        pairs = swap(pairs)
-
-    def counted(stream: Iterable[Pair]) -> Iterator[Pair]:
-        for p in stream:
-            tally.kept[p.source] += 1
-            yield p
-
-    if command == "stats":
+        job.annotate, step = partial(match_all, index), Decontaminate(index, tally)
+    elif command == "stats":
         if tokenizer is None:
             raise ValueError("stats needs a tokenizer (--tokenizer, or a --config whose model it loads)")
-        details, conv = length_stats(counted(pairs), tokenizer, chat_template_kwargs, max_length, max_tokens)
+        job.annotate = partial(pair_lengths, tokenizer, chat_template_kwargs)
+    elif command == "filter":
+        if score is None or rule is None:
+            raise ValueError("filter needs a scorer (--model or --server) and a rule (--max-disagreement, "
+                             "--margin-band)")
+        from btrm.data.rm_filter import RMFilter, scores_path
+
+        settings.update(rule.settings(), scorer=scorer_info or {})
+        step = RMFilter(score, rule, tally, scores_path(output))
+    if job.suffix:
+        PairWriter(output)  # a bad suffix fails before any work
+    chunks = read_chunks(job, tally, num_proc)
+
+    if command == "stats":
+        def counted():
+            for chunk in chunks:
+                tally.kept.update(chunk.sources)
+                yield chunk
+
+        details, conv = length_stats(counted(), max_length, max_tokens)
         settings["chat_template_kwargs"] = chat_template_kwargs or {}
         png = output.with_suffix(".png")
         plot_histogram(conv, max_length, png, f"{', '.join(source_name(s) for s in sources)}")
         details["histogram"] = str(png)
     else:
         with PairWriter(output) as writer:
-            for pair in counted(pairs):
-                writer.write(pair)
+            for chunk in chunks:
+                keep = step(chunk) if step is not None else None
+                tally.kept.update(chunk.sources if keep is None else (s for s, k in zip(chunk.sources, keep) if k))
+                if chunk.rows is not None:
+                    writer.write(chunk.rows, keep)
+        details = step.details() if step is not None else {}
     report = {"command": command, "output": str(output),
               "sources": [{"name": source_name(s), "path": s.path, "format": s.format, "swap": s.swap}
                           for s in sources],

@@ -16,17 +16,28 @@ import numpy as np
 from btrm.config import DataConfig, SourceConfig
 from btrm.data.packing import collate_pairs, plan_step
 from btrm.data.pairs import Pair
-from btrm.data.prefix import MIN_PREFIX, common_prefix_len, pack_items, shared_prefix_len
-from btrm.data.sources import DataReport, load_pairs, source_files
-from btrm.render import render_text, tokenize_texts
+from btrm.data.prefix import MIN_PREFIX, common_prefix_len, shared_prefix_len
+from btrm.data.sources import BadRow, DataReport, load_pairs, source_files
+from btrm.render import render_many
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when tokenization or the cache layout changes (2: prefix_len)
+CACHE_VERSION = 3  # bump when tokenization or the cache layout changes (2: pairs rendering to the same ids dropped;
+# 3: prefix_len)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Over-long policy
+
+
+def cut_prompt_left(seqs: list[list[int]], prompt_len: int, need: int, bos_id: int | None) -> list[list[int]]:
+    """Drop `need` tokens from the left of each sequence, after a leading BOS, out of its first `prompt_len` tokens
+    (a prompt all of them share). The rest, and so every reward token, stays whole; ValueError when the prompt
+    (less the BOS) is shorter than `need`. Training (`fit_pair`) and scoring (`RewardModel`) both cut here."""
+    head = 1 if bos_id is not None and seqs[0][:1] == [bos_id] else 0
+    if prompt_len - head < need:
+        raise ValueError(f"the last turn alone needs {len(seqs[0]) - prompt_len + head} tokens")
+    return [s[:head] + s[head + need:] for s in seqs]
 
 
 def fit_pair(c: list[int], r: list[int], max_length: int, max_tokens: int, policy: str, bos_id: int | None):
@@ -36,12 +47,13 @@ def fit_pair(c: list[int], r: list[int], max_length: int, max_tokens: int, polic
         return c, r, "ok"
     if policy == "drop":
         return None, None, "dropped"
-    head = 1 if bos_id is not None and c and c[0] == bos_id else 0
     shared = common_prefix_len(c, r) - 1  # keep at least one shared token before the responses diverge
     need = max(len(c) - max_length, len(r) - max_length, math.ceil((len(c) + len(r) - max_tokens) / 2), 0)
-    if shared - head < need:
+    try:
+        c, r = cut_prompt_left([c, r], shared, need, bos_id)
+    except ValueError:
         return None, None, "dropped"
-    return c[:head] + c[head + need:], r[:head] + r[head + need:], "truncated"
+    return c, r, "truncated"
 
 
 def pair_hash(chosen: list[dict], rejected: list[dict]) -> str:
@@ -60,7 +72,11 @@ def is_heldout(h: str, fraction: float) -> bool:
 
 @dataclass
 class TokenizedPairs:
-    """Column store of tokenized pairs (an Arrow-backed `datasets.Dataset`)."""
+    """Column store of tokenized pairs (an Arrow-backed `datasets.Dataset`).
+
+    The trainer reads an item store only through `len`, `sizes`, `seq_lengths` and `batch`; a store of ranked
+    groups would offer the same four (and `batch` would lay its items out with `collate`).
+    """
 
     ds: Any
 
@@ -69,7 +85,7 @@ class TokenizedPairs:
 
     @property
     def sizes(self) -> np.ndarray:
-        """chosen + rejected tokens per pair."""
+        """Tokens per item (chosen + rejected): what packing budgets."""
         if not hasattr(self, "_sizes"):
             self._sizes = np.asarray(self.ds["num_tokens"], dtype=np.int64)
         return self._sizes
@@ -94,28 +110,26 @@ class TokenizedPairs:
         p = self.prefix_lengths
         return self.sizes - np.where(p >= MIN_PREFIX, p, 0)
 
-    def seq_lengths(self, i: int) -> tuple[int, int]:
+    def seq_lengths(self, i: int) -> list[int]:
+        """Token counts of item i's sequences in layout order: [chosen, rejected]."""
         c = int(self.chosen_lengths[i])
-        return c, int(self.sizes[i]) - c
+        return [c, int(self.sizes[i]) - c]
 
     def batch(self, indices: list[int], share: bool = False):
         """PackedBatch of these pairs, in this order; with `share`, each pair's prompt packed once."""
         rows = self.ds[indices] if indices else {k: [] for k in self.ds.column_names}
-        if share and indices:
-            return pack_items(list(zip(rows["chosen_ids"], rows["rejected_ids"])), pair_ids=list(indices),
-                              margins=rows["margin"], sources=rows["source"], categories=rows["category"])
-        return collate_pairs(rows["chosen_ids"], rows["rejected_ids"], pair_ids=list(indices),
+        return collate_pairs(rows["chosen_ids"], rows["rejected_ids"], item_ids=list(indices), share=share,
                              margins=rows["margin"], sources=rows["source"], categories=rows["category"])
 
 
 def _tokenize_batch(batch, tokenizer, kwargs, max_length, max_tokens, policy):
-    texts_c = [render_text(tokenizer, json.loads(m), kwargs) for m in batch["chosen"]]
-    texts_r = [render_text(tokenizer, json.loads(m), kwargs) for m in batch["rejected"]]
-    ids_c, ids_r = tokenize_texts(tokenizer, texts_c), tokenize_texts(tokenizer, texts_r)
+    ids_c = render_many(tokenizer, [json.loads(m) for m in batch["chosen"]], kwargs)
+    ids_r = render_many(tokenizer, [json.loads(m) for m in batch["rejected"]], kwargs)
     bos = tokenizer.bos_token_id if tokenizer.bos_token else None
     out = {"chosen_ids": [], "rejected_ids": [], "status": [], "num_tokens": [], "chosen_len": [], "prefix_len": []}
     for c, r in zip(ids_c, ids_r):
-        c2, r2, status = fit_pair(c, r, max_length, max_tokens, policy, bos)
+        # the raw texts differ (sources.normalize_row checked), but the template may trim the difference away
+        c2, r2, status = (None, None, "identical") if c == r else fit_pair(c, r, max_length, max_tokens, policy, bos)
         out["chosen_ids"].append(c2 or [])
         out["rejected_ids"].append(r2 or [])
         out["status"].append(status)
@@ -126,6 +140,8 @@ def _tokenize_batch(batch, tokenizer, kwargs, max_length, max_tokens, policy):
 
 
 def tokenize_pairs(pairs: list[Pair], tokenizer, cfg: DataConfig, report: DataReport) -> TokenizedPairs:
+    """Rendered and tokenized pairs; over-long ones fitted or dropped, and pairs whose responses render to the same
+    tokens counted as identical_responses (raised under cfg.strict), as normalize_row counts equal raw texts."""
     from datasets import Dataset
 
     ds = Dataset.from_dict({
@@ -141,12 +157,18 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, cfg: DataConfig, report: DataRe
                 fn_kwargs=dict(tokenizer=tokenizer, kwargs=cfg.chat_template_kwargs, max_length=cfg.max_length,
                                max_tokens=cfg.max_tokens, policy=cfg.overlong),
                 desc="tokenizing pairs", load_from_cache_file=False)
-    for status, src in zip(ds["status"], ds["source"]):
-        if status == "dropped":
+    for status, src, origin in zip(ds["status"], ds["source"], ds["origin"]):
+        if status == "identical":
+            err = BadRow("identical_responses", "rejected", "the same tokens as chosen once rendered", origin)
+            if cfg.strict:
+                raise err
+            report.skip(src, err)
+            report.kept[src] -= 1
+        elif status == "dropped":
             report.overlong_dropped[src] += 1
         elif status == "truncated":
             report.overlong_truncated[src] += 1
-    ds = ds.filter(lambda s: [x != "dropped" for x in s], input_columns="status", batched=True,
+    ds = ds.filter(lambda s: [x not in ("dropped", "identical") for x in s], input_columns="status", batched=True,
                    load_from_cache_file=False)
     return TokenizedPairs(ds)
 
@@ -186,8 +208,7 @@ def cache_key(cfg: DataConfig, tokenizer, seed: int) -> str:
 class PreparedData:
     train: TokenizedPairs
     eval: TokenizedPairs | None
-    report: dict  # {"train": DataReport.as_dict(), "eval": ...}
-    cache_dir: Path | None = None
+    report: dict  # {"train": DataReport.as_dict(), "eval": ..., "train_pairs": n, "eval_pairs": n}
 
 
 def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0, use_cache: bool = True) -> PreparedData:
@@ -201,7 +222,7 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0, use_cache: bool = Tr
         ev = load_from_disk(str(root / "eval")) if (root / "eval").exists() else None
         return PreparedData(TokenizedPairs(load_from_disk(str(root / "train"))),
                             TokenizedPairs(ev) if ev is not None else None,
-                            json.loads((root / "report.json").read_text()), root)
+                            json.loads((root / "report.json").read_text()))
     train_report, eval_report = DataReport(), DataReport()
     pairs = load_pairs(cfg.sources, train_report, cfg.strict, seed)
     if cfg.eval_sources:
@@ -234,7 +255,7 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int = 0, use_cache: bool = Tr
             shutil.rmtree(root)
         tmp.rename(root)
         return prepare_data(cfg, tokenizer, seed, use_cache=True)  # memory-mapped from the cache
-    return PreparedData(train, ev, report, None)
+    return PreparedData(train, ev, report)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -11,13 +11,13 @@ from __future__ import annotations
 import bisect
 import heapq
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from btrm.data.prefix import PrefixLayout
+from btrm.data.prefix import MIN_PREFIX, PrefixLayout, shared_row
+
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -135,25 +135,34 @@ def pack_windows(pair_sizes: Sequence[int], capacity: int, window: int) -> list[
 
 @dataclass
 class PackedBatch:
-    """One packed row. Sequences 2k and 2k+1 are the chosen and rejected of pair k.
+    """One packed row of sequences and the layout of the items (pairs, later groups) they belong to.
 
-    With `prefix` set (`btrm.data.prefix.pack_items`), each item's shared prompt is in the row once: `cu_seqlens`
-    then bounds the row's segments (prompts and branches) and `prefix` says who attends to what.
+    Item i owns sequences ``item_offsets[i]:item_offsets[i + 1]`` of the row, and ``ranks`` gives each sequence's
+    place in its item's preference order, 0 = best: a pair is [chosen, rejected] with ranks [0, 1]; a ranked
+    group of K responses would have K sequences with ranks 0..K-1. Objectives read rewards through this layout
+    (`at_rank`, `best_wins`), never through positions in the row. A batch without items (the scorer's) only has
+    the row.
+
+    With `prefix` set (`collate(..., share=True)`), each item's shared prompt is in the row once
+    (`btrm.data.prefix`): `cu_seqlens` then bounds the row's segments (prompts and branches), `prefix` says which
+    segment attends to which and where each sequence's reward is read.
     """
 
     input_ids: torch.Tensor  # [1, T] long
     position_ids: torch.Tensor  # [1, T] long, restarting at 0 per sequence
     cu_seqlens: torch.Tensor  # [n_seq + 1] int32, sequence boundaries
     max_seqlen: int
-    margins: torch.Tensor  # [n_pairs] float (0 where absent)
-    pair_ids: list[int] = field(default_factory=list)  # dataset indices of the pairs
+    margins: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [n_items] float (0 where absent)
+    item_offsets: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))  # [n_items + 1]
+    ranks: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [n_seq], 0 = best
+    item_ids: list[int] = field(default_factory=list)  # dataset indices of the items
     sources: list[str] = field(default_factory=list)
     categories: list[str | None] = field(default_factory=list)
     prefix: PrefixLayout | None = None  # shared-prefix layout, None when every sequence is packed whole
 
     @property
-    def n_pairs(self) -> int:
-        return len(self.pair_ids)
+    def n_items(self) -> int:
+        return len(self.item_ids)
 
     @property
     def ends(self) -> torch.Tensor:
@@ -166,17 +175,29 @@ class PackedBatch:
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[1])
 
-    def seq_lengths(self) -> list[int]:
-        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
+    def at_rank(self, rewards: torch.Tensor, rank: int) -> torch.Tensor:
+        """[n_items] reward of each item's sequence of this rank (pairs: 0 = chosen, 1 = rejected)."""
+        idx = torch.nonzero(self.ranks == rank).squeeze(-1)
+        if len(idx) != self.n_items:
+            raise ValueError(f"{len(idx)} sequences of rank {rank} for {self.n_items} items")
+        return rewards.index_select(0, idx.to(rewards.device))
 
-    def to(self, device) -> "PackedBatch":
-        return PackedBatch(self.input_ids.to(device), self.position_ids.to(device), self.cu_seqlens.to(device),
-                           self.max_seqlen, self.margins.to(device), self.pair_ids, self.sources, self.categories,
-                           self.prefix)
+    def best_wins(self, rewards: torch.Tensor) -> torch.Tensor:
+        """[n_items] bool: the rank-0 sequence out-scores every other sequence of its item (a tie loses)."""
+        item = torch.repeat_interleave(torch.arange(self.n_items), self.item_offsets.diff()).to(rewards.device)
+        others = self.ranks.to(rewards.device) != 0
+        rest = torch.full((self.n_items,), -torch.inf, dtype=rewards.dtype, device=rewards.device)
+        rest = rest.scatter_reduce(0, item[others], rewards[others], "amax")
+        return self.at_rank(rewards, 0) > rest
 
 
 def pack_sequences(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Concatenate token lists into one row: (input_ids [1,T], position_ids [1,T], cu_seqlens, max_seqlen)."""
+    """Concatenate token lists into one row: (input_ids [1,T], position_ids [1,T], cu_seqlens, max_seqlen).
+
+    No sequences give an empty row (a rank's empty micro-step)."""
+    if not seqs:
+        return torch.zeros((1, 0), dtype=torch.long), torch.zeros((1, 0), dtype=torch.long), \
+            torch.zeros(1, dtype=torch.int32), 0
     lengths = [len(s) for s in seqs]
     if any(n == 0 for n in lengths):
         raise ValueError("cannot pack an empty sequence")
@@ -187,14 +208,34 @@ def pack_sequences(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.T
     return ids[None], pos[None], cu, max(lengths)
 
 
-def collate_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]], *, pair_ids=None,
-                  margins=None, sources=None, categories=None) -> PackedBatch:
-    seqs = [s for pair in zip(chosen, rejected) for s in pair]
-    input_ids, position_ids, cu, max_len = pack_sequences(seqs)
-    n = len(chosen)
+def collate(items: Sequence[Sequence[Sequence[int]]], *, ranks: Sequence[Sequence[int]] | None = None,
+            item_ids=None, margins=None, sources=None, categories=None, share: bool = False,
+            min_prefix: int = MIN_PREFIX) -> PackedBatch:
+    """Pack items (each a list of token-id sequences, best first unless `ranks` says otherwise) into one row.
+
+    `share`: an item's sequences that share a prompt of >= `min_prefix` tokens have it packed once
+    (`btrm.data.prefix`); rewards stay in the same order. A row where nothing is shared is a plain row.
+    """
+    n = len(items)
+    layout = None
+    if share and items:
+        input_ids, position_ids, cu, max_len, layout = shared_row(items, True, min_prefix)
+        layout = layout if layout.shared else None
+    if layout is None:
+        input_ids, position_ids, cu, max_len = pack_sequences([s for item in items for s in item])
+    counts = torch.tensor([len(item) for item in items], dtype=torch.long)
+    offsets = torch.zeros(n + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(counts, 0)
+    rank = [r for k, item in enumerate(items) for r in (ranks[k] if ranks is not None else range(len(item)))]
     m = torch.tensor([0.0 if v is None else float(v) for v in (margins or [None] * n)], dtype=torch.float32)
-    return PackedBatch(input_ids, position_ids, cu, max_len, m, list(pair_ids if pair_ids is not None else range(n)),
-                       list(sources or ["default"] * n), list(categories or [None] * n))
+    return PackedBatch(input_ids, position_ids, cu, max_len, m, offsets, torch.tensor(rank, dtype=torch.long),
+                       list(item_ids if item_ids is not None else range(n)), list(sources or ["default"] * n),
+                       list(categories or [None] * n), layout)
+
+
+def collate_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]], **kwargs) -> PackedBatch:
+    """Pairs as items of two sequences: chosen (rank 0), then rejected (rank 1). kwargs as for `collate`."""
+    return collate(list(zip(chosen, rejected)), **kwargs)
 
 
 def pad_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 Message = dict[str, Any]  # {"role": "user" | "assistant" | "system" | "tool", "content": str}
@@ -18,11 +18,10 @@ class Pair:
     source: str = "default"  # data source name (per-source counts, eval breakdowns)
     category: str | None = None
     origin: str = ""  # "file:row" of the raw row, for error messages and reports
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def prompt(self) -> list[Message]:
         return self.chosen[:-1]
 
     def swapped(self) -> "Pair":
-        return Pair(self.rejected, self.chosen, self.margin, self.source, self.category, self.origin, dict(self.extra))
+        return Pair(self.rejected, self.chosen, self.margin, self.source, self.category, self.origin)

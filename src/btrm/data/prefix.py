@@ -24,8 +24,6 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-from btrm.data.packing import PackedBatch
-
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     """Number of leading tokens `a` and `b` share."""
@@ -218,18 +216,3 @@ def shared_row(items: Sequence[Sequence[Sequence[int]]], share: bool = True, min
     return (torch.tensor(np.concatenate(ids).astype(np.int64))[None],
             torch.tensor(np.concatenate(pos).astype(np.int64))[None], cu, max(lengths),
             PrefixLayout(lengths, parent, ends, unshared))
-
-
-def pack_items(items: Sequence[Sequence[Sequence[int]]], share: bool = True, min_prefix: int = MIN_PREFIX, *,
-               pair_ids=None, margins=None, sources=None, categories=None) -> PackedBatch:
-    """Pack items (each a list of token sequences answering one prompt) into one row with its prefix layout.
-
-    Rewards come back in input order: item 0's sequences, then item 1's, ... `share=False` packs every sequence
-    whole. `pair_ids`, `margins`, `sources`, `categories`: per item, as in `collate_pairs` (training packs pairs as
-    items of two).
-    """
-    input_ids, position_ids, cu, max_len, layout = shared_row(items, share, min_prefix)
-    n = len(items)
-    m = torch.tensor([0.0 if v is None else float(v) for v in (margins or [None] * n)], dtype=torch.float32)
-    return PackedBatch(input_ids, position_ids, cu, max_len, m, list(pair_ids if pair_ids is not None else range(n)),
-                       list(sources or ["default"] * n), list(categories or [None] * n), prefix=layout)

@@ -16,7 +16,7 @@ import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from btrm.config import SourceConfig
 from btrm.data.pairs import Pair
@@ -31,6 +31,9 @@ class BadRow(ValueError):
     def __init__(self, reason: str, field: str, detail: str = "", origin: str = ""):
         self.reason, self.field, self.detail, self.origin = reason, field, detail, origin
         super().__init__(f"{origin}: field '{field}': {reason}" + (f" ({detail})" if detail else ""))
+
+    def __reduce__(self):  # raised in a curation worker process, re-raised in the main one
+        return BadRow, (self.reason, self.field, self.detail, self.origin)
 
 
 @dataclass
@@ -48,11 +51,50 @@ class DataReport:
         self.skipped[source][err.reason] += 1
         self.examples.setdefault(err.reason, str(err))
 
+    def merge(self, other: "DataReport") -> None:
+        """Add the counts of `other` (a later part of the same stream: its examples count only for new reasons)."""
+        self.read.update(other.read)
+        self.kept.update(other.kept)
+        for src, c in other.skipped.items():
+            self.skipped[src].update(c)
+        for reason, origin in other.examples.items():
+            self.examples.setdefault(reason, origin)
+        self.overlong_dropped.update(other.overlong_dropped)
+        self.overlong_truncated.update(other.overlong_truncated)
+
     def skipped_by_reason(self) -> Counter:
         total: Counter = Counter()
         for c in self.skipped.values():
             total.update(c)
         return total
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DataReport":
+        """Inverse of `as_dict` (the tokenized-data cache keeps the report as JSON)."""
+        skipped: dict[str, Counter] = defaultdict(Counter, {s: Counter(c) for s, c in d.get("skipped", {}).items()})
+        return cls(Counter(d.get("read", {})), Counter(d.get("kept", {})), skipped, dict(d.get("examples", {})),
+                   Counter(d.get("overlong_dropped", {})), Counter(d.get("overlong_truncated", {})))
+
+    def log_lines(self, split: str) -> list[str]:
+        """What the trainer prints about this split: skipped rows by source and reason (with a first example of
+        each reason), over-long pairs dropped or prompt-truncated by source."""
+        lines = []
+        skipped = {s: dict(c) for s, c in self.skipped.items() if c}
+        if skipped:
+            lines.append(f"  {split} skipped invalid rows: {json.dumps(skipped)}")
+            lines.extend(f"    e.g. {example}" for example in self.examples.values())
+        if self.overlong_dropped:
+            lines.append(f"  {split} over-long pairs dropped: {json.dumps(dict(self.overlong_dropped))}")
+        if self.overlong_truncated:
+            lines.append(f"  {split} over-long pairs prompt-truncated: {json.dumps(dict(self.overlong_truncated))}")
+        return lines
+
+    def metrics(self, split: str) -> dict[str, int]:
+        """Counts logged with every step: invalid rows skipped by reason, over-long pairs dropped / truncated."""
+        out = {f"data/{split}_skipped/{k}": v for k, v in self.skipped_by_reason().items()}
+        out[f"data/{split}_overlong_dropped"] = sum(self.overlong_dropped.values())
+        out[f"data/{split}_overlong_truncated"] = sum(self.overlong_truncated.values())
+        return out
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -106,24 +148,40 @@ def source_files(src: SourceConfig) -> list[Path]:
     return []
 
 
-def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
+class JsonText(str):
+    """A jsonl line not parsed yet: `parse_row` parses it where the row is validated (in a worker process when
+    curation runs with --num-proc > 1, so the main process only reads lines)."""
+
+
+def parse_row(origin: str, row: Any) -> Any:
+    if not isinstance(row, JsonText):
+        return row
+    try:
+        return json.loads(row)
+    except json.JSONDecodeError as e:
+        return BadRow("bad_json", "<row>", str(e), origin)
+
+
+def iter_file(path: Path, parse: bool = True) -> Iterator[tuple[str, Any]]:
+    """(origin, raw row) of one json / jsonl / parquet / arrow file; a jsonl line that is not JSON comes as a
+    BadRow in place of its row (parse=False: as unparsed `JsonText`). origin: `file:line` (jsonl, 1-based),
+    `file[i]` (json), `file:row i` (others). Shared by training data (`iter_raw_rows`) and benchmark data
+    (`btrm.eval.io`)."""
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                origin = f"{path}:{i}"
-                try:
-                    yield origin, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield origin, BadRow("bad_json", "<row>", str(e), origin)
+        yield from _iter_jsonl(path, parse)
     elif path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:  # JSON lines saved as .json
+            yield from _iter_jsonl(path)
+            return
         if isinstance(data, dict):  # {"data": [...]} or column-oriented
             data = data.get("data", data.get("rows", data))
-        if isinstance(data, dict):
+        if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
             keys = list(data)
             data = [dict(zip(keys, vals)) for vals in zip(*data.values())]
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
         for i, row in enumerate(data):
             yield f"{path}[{i}]", row
     elif path.suffix == ".parquet":
@@ -141,13 +199,23 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
             yield f"{path}:row {i}", row
 
 
-def iter_raw_rows(src: SourceConfig) -> Iterator[tuple[str, Any]]:
-    """(origin, raw row) pairs; origin names file and row (1-based line for jsonl, 0-based row otherwise)."""
+def _iter_jsonl(path: Path, parse: bool = True) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            origin = f"{path}:{i}"
+            yield origin, parse_row(origin, JsonText(line)) if parse else JsonText(line)
+
+
+def iter_raw_rows(src: SourceConfig, parse: bool = True) -> Iterator[tuple[str, Any]]:
+    """(origin, raw row) pairs; origin names file and row (1-based line for jsonl, 0-based row otherwise).
+    parse=False leaves jsonl lines as `JsonText` for `parse_row` to parse later."""
     files = source_files(src)
     count = 0
     if files:
         for f in files:
-            for item in _iter_file(f):
+            for item in iter_file(f, parse):
                 if src.max_rows is not None and count >= src.max_rows:
                     return
                 count += 1
@@ -213,6 +281,8 @@ def normalize_row(row: Any, src: SourceConfig, origin: str, name: str) -> Pair:
     for k in ("chosen", "rejected"):
         if col[k] not in row:
             raise BadRow("missing_field", col[k], "", origin)
+        if row[col[k]] is None:  # before the format is guessed from it: null is its own reason, not "missing"
+            raise BadRow("null_field", col[k], "", origin)
     get = {k: row.get(c) for k, c in col.items()}
     fmt = src.format if src.format != "auto" else detect_format(get)
     if fmt == "messages":
@@ -248,11 +318,17 @@ def normalize_row(row: Any, src: SourceConfig, origin: str, name: str) -> Pair:
 
 
 def iter_pairs(src: SourceConfig, report: DataReport, strict: bool = False) -> Iterator[Pair]:
+    return validate_rows(src, iter_raw_rows(src), report, strict)
+
+
+def validate_rows(src: SourceConfig, rows: Iterable[tuple[str, Any]], report: DataReport,
+                  strict: bool = False) -> Iterator[Pair]:
+    """Valid pairs of (origin, raw row) items of `src`; invalid rows counted in `report` (or raised when strict)."""
     name = source_name(src)
-    for origin, row in iter_raw_rows(src):
+    for origin, row in rows:
         report.read[name] += 1
         try:
-            pair = normalize_row(row, src, origin, name)
+            pair = normalize_row(parse_row(origin, row), src, origin, name)
         except BadRow as err:
             if strict:
                 raise

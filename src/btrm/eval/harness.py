@@ -22,13 +22,19 @@ from tqdm.auto import tqdm
 
 from btrm.eval.benchmarks import BENCHMARKS, get_benchmark
 from btrm.eval.core import Benchmark, Conversation, Unit, mean
-from btrm.eval.io import SUFFIXES, read_records
+from btrm.errors import UserError
+from btrm.eval.io import SUFFIXES, HubUnavailable, read_hub, read_records
 
 log = logging.getLogger(__name__)
 
 ScoreFn = Callable[[list[Conversation]], Sequence[float]]
 LengthFn = Callable[[Conversation], int]
-POLICIES = ("score", "skip")  # over max_length: score anyway (the model may truncate or raise) / leave the unit out
+# What happens to a conversation over max_length tokens:
+#   truncate  it is scored with its prompt cut from the left (by the scorer); a row with a conversation whose last
+#             turn alone is over max_length (cut_length_fn) is skipped and counted
+#   skip      its row is skipped and counted
+#   error     the run stops, naming the row
+POLICIES = ("truncate", "skip", "error")
 ROWS_FORMAT = "btrm-eval-rows/1"
 
 
@@ -47,13 +53,16 @@ def score_units(
     *,
     max_length: int | None = None,
     length_fn: LengthFn | None = None,
-    over_length: str = "score",
+    cut_length_fn: LengthFn | None = None,
+    over_length: str = "truncate",
     chunk_size: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Fill `unit.scores` (and `unit.skipped`), scoring each distinct conversation once. Returns the counts.
 
-    chunk_size: conversations per score_fn call (None: one call with all of them); chunks give a progress bar.
+    length_fn: tokens of a conversation as the scorer renders it; cut_length_fn: tokens left once every prompt
+    token is cut (the last turn alone). Without cut_length_fn, "truncate" trusts the scorer with every
+    over-long conversation. chunk_size: conversations per score_fn call (None: one call); chunks give a progress bar.
     """
     if over_length not in POLICIES:
         raise ValueError(f"over_length={over_length!r}, expected one of {POLICIES}")
@@ -79,9 +88,15 @@ def score_units(
     if max_length is not None:
         lengths = [length_fn(c) for c in tqdm(distinct, desc="token counts", disable=not progress)]
         over = {i for i, n in enumerate(lengths) if n > max_length}
-    if over_length == "skip":
-        for u, ref in zip(units, refs):
-            u.skipped = any(i in over for i in ref.values())
+    uncut = set(over)  # conversations that cannot be scored within max_length
+    if over_length == "truncate":
+        uncut = {i for i in over if cut_length_fn(distinct[i]) > max_length} if cut_length_fn else set()
+    if over_length == "error" and over:
+        u, name, i = next((u, n, i) for u, ref in zip(units, refs) for n, i in ref.items() if i in over)
+        raise UserError(f"row {u.id} ({name}): {lengths[i]} tokens > --max-length {max_length} ({len(over)} "
+                        f"conversations over it); raise --max-length or pass --over-length truncate / skip")
+    for u, ref in zip(units, refs):
+        u.skipped = any(i in uncut for i in ref.values())
 
     needed = sorted({i for u, ref in zip(units, refs) if not u.skipped for i in ref.values()})
     if lengths is not None:  # longest first: similar lengths share a call, and an out-of-memory shows up at once
@@ -97,6 +112,7 @@ def score_units(
         "distinct_conversations": len(distinct),
         "scored_conversations": len(needed),
         "over_length": len(over),
+        "truncated": len(over - uncut) if over_length == "truncate" else 0,
         "max_length": max_length,
         "over_length_policy": over_length,
     }
@@ -126,14 +142,19 @@ def _call(score_fn: ScoreFn, conversations: list[Conversation], chunk_size: int 
 def _summarize(bench: Benchmark, units: list[Unit], model_name: str, counts: dict) -> tuple[dict, list]:
     """Apply the benchmark's rule to the units not skipped. Returns (results, one row result per unit)."""
     active = [u for u in units if not u.skipped]
+    why = (f"a conversation over max_length={counts.get('max_length')} tokens"
+           if counts.get("over_length_policy") == "skip" else
+           f"a conversation whose last turn alone is over max_length={counts.get('max_length')} tokens")
     if not active:
-        raise ValueError(f"{bench.name}: no rows left to score ({counts['rows_skipped']} skipped as over-length)")
+        fix = "raise --max-length" + (" or pass --over-length truncate" if counts.get("over_length_policy") == "skip"
+                                      else "")
+        raise UserError(f"{bench.name}: no rows left to score: all {counts['rows_skipped']} rows have {why}; {fix}")
     row_results, s = bench.score(active)
     it = iter(row_results)
     per_unit = [None if u.skipped else next(it) for u in units]
     notes = list(s.notes)
     if counts["rows_skipped"]:
-        notes.append(f"{counts['rows_skipped']} of {counts['rows']} rows skipped: a conversation over max_length")
+        notes.append(f"{counts['rows_skipped']} of {counts['rows']} rows skipped: {why}")
     results = {
         "benchmark": bench.name,
         "column": bench.column,
@@ -180,28 +201,35 @@ def recompute(per_row_file: str | Path) -> dict:
 def evaluate(
     score_fn: ScoreFn,
     benchmark: str,
-    data: str | None = None,
+    data: str | list[dict] | None = None,
     out_dir: str | Path | None = None,
     *,
     model_name: str = "model",
     max_length: int | None = None,
     length_fn: LengthFn | None = None,
-    over_length: str = "score",
+    cut_length_fn: LengthFn | None = None,
+    over_length: str = "truncate",
     chunk_size: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Score one benchmark. data: a local file/directory in the benchmark's schema, a Hub id, or None (its Hub
-    defaults). Writes NAME.rows.jsonl, NAME.results.json and table.md under out_dir when given."""
+    """Score one benchmark. data: a local file/directory in the benchmark's schema, a Hub id, None (its Hub
+    defaults), or rows already read (`load_benchmark`). Writes NAME.rows.jsonl, NAME.results.json and table.md
+    under out_dir when given. Length handling: see `score_units`."""
     bench = get_benchmark(benchmark)
-    units = bench.to_units(read_records(data, bench.hub))
-    log.info("%s: %d rows from %s", bench.name, len(units), data or "the Hub")
-    counts = score_units(
-        units, score_fn, max_length=max_length, length_fn=length_fn, over_length=over_length,
-        chunk_size=chunk_size, progress=progress,
-    )
+    records = data if isinstance(data, list) else load_benchmark(benchmark, data)
+    units = _units(bench, records)
+    log.info("%s: %d rows", bench.name, len(units))
+    try:
+        counts = score_units(
+            units, score_fn, max_length=max_length, length_fn=length_fn, cut_length_fn=cut_length_fn,
+            over_length=over_length, chunk_size=chunk_size, progress=progress,
+        )
+    except UserError as e:
+        raise UserError(f"{bench.name}: {e}") from None
     if counts["over_length"]:
-        log.warning("%s: %d distinct conversations over max_length=%s (policy %s, %d rows skipped)", bench.name,
-                    counts["over_length"], max_length, over_length, counts["rows_skipped"])
+        log.info("%s: %d distinct conversations over max_length=%s (policy %s: %d cut from the left, %d rows "
+                 "skipped)", bench.name, counts["over_length"], max_length, over_length, counts["truncated"],
+                 counts["rows_skipped"])
     results, per_unit = _summarize(bench, units, model_name, counts)
     if out_dir is not None:
         out = Path(out_dir)
@@ -212,6 +240,40 @@ def evaluate(
     return results
 
 
+def load_benchmark(name: str, data: str | None = None) -> list[dict]:
+    """Raw rows of a benchmark: `data` (a local file / folder or a Hub id), or its Hub datasets when None."""
+    bench = get_benchmark(name)
+    if data is None and not bench.hub:
+        raise UserError(f"{name}: not on the Hub; {GITHUB_ONLY[name]}")
+    try:
+        return read_records(data, bench.hub)
+    except ValueError as e:  # a bad file: json that is not rows, a jsonl line that is not JSON
+        raise UserError(str(e)) from e
+
+
+def _units(bench: Benchmark, records: list[dict]) -> list[Unit]:
+    """bench.to_units, with a missing or malformed field reported as the row and field."""
+    try:
+        return bench.to_units(records)
+    except KeyError as e:
+        field = e.args[0]
+        i = next((i for i, r in enumerate(records) if isinstance(r, dict) and field not in r), None)
+        where = "a row"
+        if i is not None:  # its 0-based row within its own file
+            source = records[i].get("_source")
+            where = f"{source} row {sum(r.get('_source') == source for r in records[:i])}"
+        raise UserError(f"{bench.name}: {where} has no field {field!r} (schemas: btrm eval --help)") from e
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{bench.name}: {e}") from e
+
+
+# benchmarks whose data is not on the Hub: how to get it
+GITHUB_ONLY = {
+    "rmb": "clone https://github.com/Zhou-Zoey/RMB-Reward-Model-Benchmark and copy (or link) its RMB_dataset "
+           "folder to DIR/rmb, then pass --data-dir DIR (or --data PATH/RMB_dataset)",
+}
+
+
 def find_data(data_dir: str | Path, name: str) -> Path | None:
     """DIR/NAME (a folder) or DIR/NAME.{json,jsonl,parquet}."""
     for candidate in [Path(data_dir) / name] + [Path(data_dir) / f"{name}{s}" for s in SUFFIXES]:
@@ -220,18 +282,87 @@ def find_data(data_dir: str | Path, name: str) -> Path | None:
     return None
 
 
+def load_suite(data_dir: str | Path | None = None) -> dict[str, list[dict]]:
+    """Rows of every benchmark, in card order: from data_dir (`find_data`; a missing entry is logged and left out)
+    or, without data_dir, from each benchmark's Hub datasets (RMB is on GitHub only: logged and left out).
+    Hub failures are collected and reported together, naming every dataset id that could not be read."""
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise UserError(f"--data-dir {data_dir}: no such folder")
+    records: dict[str, list[dict]] = {}
+    failed: dict[str, HubUnavailable] = {}
+    for name, bench in BENCHMARKS.items():
+        if data_dir is not None:
+            path = find_data(data_dir, name)
+            if path is None:
+                log.warning("%s: no %s or %s.{json,jsonl,parquet} in %s; column left '-'", name, name, name, data_dir)
+            else:
+                records[name] = load_benchmark(name, str(path))
+        elif not bench.hub:
+            log.warning("%s: not on the Hub, column left '-'; to include it, %s", name, GITHUB_ONLY[name])
+        else:
+            try:
+                records[name] = load_benchmark(name)
+            except HubUnavailable as e:
+                failed[name] = e
+    if failed:
+        raise UserError(hub_failure(failed))
+    if not records:
+        raise UserError(f"--data-dir {data_dir}: no benchmark data inside (layout: btrm eval --help)")
+    return records
+
+
+def hub_failure(failed: dict[str, HubUnavailable], fetching: bool = False) -> str:
+    """One line naming every Hub dataset of the failed benchmarks and the way around the Hub."""
+    tried = [dataset_id for name in failed for dataset_id, _ in BENCHMARKS[name].hub]
+    first = next(iter(failed.values()))
+    fix = ("check the network and HF_HUB_OFFLINE" if fetching else
+           "where the Hub is reachable run `btrm eval --fetch DIR`, then pass --data-dir DIR (or --data for one "
+           "benchmark)")
+    return f"cannot read {', '.join(tried)} from the Hub ({first.reason}); {fix}"
+
+
 def evaluate_suite(
-    score_fn: ScoreFn, data_dir: str | Path, out_dir: str | Path | None = None, **kwargs
+    score_fn: ScoreFn, data_dir: str | Path | None = None, out_dir: str | Path | None = None, **kwargs
 ) -> dict[str, dict]:
-    """Every benchmark found in data_dir (see `find_data`), in card order; missing ones are reported and left '-'."""
-    results = {}
-    for name in BENCHMARKS:
-        path = find_data(data_dir, name)
-        if path is None:
-            log.warning("%s: no %s or %s.{json,jsonl,parquet} in %s; column left '-'", name, name, name, data_dir)
+    """Every benchmark of `load_suite(data_dir)`, in card order; the others are left '-'."""
+    return {name: evaluate(score_fn, name, rows, out_dir, **kwargs) for name, rows in load_suite(data_dir).items()}
+
+
+def fetch(data_dir: str | Path) -> dict[str, Path]:
+    """Download every Hub benchmark into the --data-dir layout, for machines without the Hub: DIR/NAME.parquet, and
+    DIR/ppe-correctness/<dataset>.parquet per PPE Correctness set. RMB (GitHub only) is logged with how to get it.
+    Returns benchmark -> path written."""
+    out = Path(data_dir)
+    written: dict[str, Path] = {}
+    failed: dict[str, HubUnavailable] = {}
+    for name, bench in BENCHMARKS.items():
+        if not bench.hub:
+            log.warning("%s: not on the Hub; %s", name, GITHUB_ONLY[name])
             continue
-        results[name] = evaluate(score_fn, name, str(path), out_dir, **kwargs)
-    return results
+        try:
+            parts = [(dataset_id.split("/")[-1], read_hub(dataset_id, split)) for dataset_id, split in bench.hub]
+        except HubUnavailable as e:
+            failed[name] = e
+            continue
+        if len(parts) == 1:
+            written[name] = _write_parquet(parts[0][1], out / f"{name}.parquet")
+        else:  # one file per dataset: its name names the set (ppe.set_name)
+            for stem, rows in parts:
+                _write_parquet(rows, out / name / f"{stem}.parquet")
+            written[name] = out / name
+        log.info("%s: %s", name, written[name])
+    if failed:
+        raise UserError(hub_failure(failed, fetching=True))
+    return written
+
+
+def _write_parquet(rows: list[dict], path: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if k != "_source"} for r in rows]), path)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -239,10 +370,11 @@ def evaluate_suite(
 
 
 def markdown_table(model_name: str, overall: dict[str, float]) -> str:
-    """Header + one row: the 7 card columns (benchmark name -> 0-100), '-' when missing, Avg. over those present."""
+    """Header + one row: the 7 card columns (benchmark name -> 0-100), '-' when missing. Avg. is the mean of all
+    seven, and '-' when any is missing: a mean over fewer columns is not comparable with the card's."""
     values = [overall.get(name) for name in BENCHMARKS]
-    present = [v for v in values if v is not None]
-    cells = [f"{v:.1f}" if v is not None else "-" for v in values + [mean(present) if present else None]]
+    avg = mean(values) if all(v is not None for v in values) else None
+    cells = [f"{v:.1f}" if v is not None else "-" for v in values + [avg]]
     header = ["Model"] + [b.column for b in BENCHMARKS.values()] + ["Avg."]
     lines = [
         "| " + " | ".join(header) + " |",

@@ -10,9 +10,11 @@ use it to name their parts.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
+
+from btrm.data.sources import BadRow, iter_file
+from btrm.errors import UserError
 
 SUFFIXES = (".json", ".jsonl", ".parquet")
 
@@ -20,7 +22,7 @@ SUFFIXES = (".json", ".jsonl", ".parquet")
 def read_records(source: str | None, hub: Sequence[tuple[str, str]]) -> list[dict]:
     """Rows of `source` (a local path or a Hub id); `None` reads the benchmark's default Hub datasets."""
     if source is None:
-        return [r for dataset_id, split in hub for r in _read_hub(dataset_id, split)]
+        return [r for dataset_id, split in hub for r in read_hub(dataset_id, split)]
     path = Path(source)
     if path.is_dir():
         files = sorted(  # hidden entries (.cache of a Hub download) are not data
@@ -35,35 +37,36 @@ def read_records(source: str | None, hub: Sequence[tuple[str, str]]) -> list[dic
     if path.suffix in SUFFIXES or source.startswith((".", "/")) or source.count("/") != 1:
         raise FileNotFoundError(f"{source}: no such file or directory (and not a Hub id 'owner/name')")
     split = dict(hub).get(source, hub[0][1] if hub else "train")
-    return _read_hub(source, split)
+    return read_hub(source, split)
 
 
 def _read_file(path: Path, source: str) -> list[dict]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(path).to_pylist()
-    elif path.suffix == ".jsonl":
-        rows = _read_jsonl(path)
-    else:
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:  # JSON lines saved as .json
-            rows = _read_jsonl(path)
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+    """Every row of one file (the reader training data uses too); a bad jsonl line fails naming file:line."""
+    rows = []
+    for _origin, row in iter_file(path):
+        if isinstance(row, BadRow):
+            raise ValueError(str(row))
+        rows.append(row)
     for r in rows:
         r["_source"] = source
     return rows
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+class HubUnavailable(UserError):
+    """A Hub dataset could not be read: offline, unreachable, or no such dataset / split."""
+
+    def __init__(self, dataset_id: str, split: str, cause: Exception):
+        self.dataset_id, self.split = dataset_id, split
+        self.reason = f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}"
+        super().__init__(f"cannot read {dataset_id} (split {split}) from the Hub: {self.reason}")
 
 
-def _read_hub(dataset_id: str, split: str) -> list[dict]:
+def read_hub(dataset_id: str, split: str) -> list[dict]:
     from datasets import load_dataset  # heavy; only when a Hub id is used
 
     name = dataset_id.split("/")[-1]
-    return [dict(r, _source=name) for r in load_dataset(dataset_id, split=split)]
+    try:
+        ds = load_dataset(dataset_id, split=split)
+    except (OSError, ValueError) as e:  # offline / unreachable (ConnectionError), unknown id or split
+        raise HubUnavailable(dataset_id, split, e) from None
+    return [dict(r, _source=name) for r in ds]

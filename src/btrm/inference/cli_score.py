@@ -6,6 +6,12 @@ Input rows (jsonl, or any file the trainer reads: json / parquet / arrow):
 One output line per input row (blank lines are not rows), in order; `row` is the 0-based input row, `id` is copied
 when the input has one. With --skip-bad a bad row gets {"row", "error"} instead, so counts stay aligned. An existing
 output is resumed: its rows are skipped in the input (by count) and the file is appended to.
+
+Rows are packed and scored in chunks of --chunk-rows that start at fixed row numbers (0, chunk, 2 * chunk, ...). A
+resume re-scores the chunk it lands in and writes only the missing rows, so every row is packed with the same
+neighbours as in an uninterrupted run and the output is identical bit for bit (same --chunk-rows and
+--batch-tokens). A different packing changes the matmul shapes and so the rounding: up to 5.7e-6 in fp32 on CPU,
+and possibly a bf16 ulp on a GPU, enough to flip a close pair (BENCHMARKS.md, "Resumed scoring").
 """
 
 from __future__ import annotations
@@ -21,10 +27,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from btrm import attention
 from btrm.config import SourceConfig
-from btrm.cpu import retain_freed_memory
 from btrm.data.sources import BadRow, iter_raw_rows, normalize_row, validate_messages
-from btrm.inference.scorer import RewardModel, pair_scores
+from btrm.inference.scorer import load_in_owned_process, pair_scores
 
 CONVERSATION_KEYS = ("messages", "conversation")
 
@@ -42,9 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-rows", type=int, default=4096, help="rows read, scored and written at a time")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
-    p.add_argument("--attn-implementation", default="auto", help="auto, segment, varlen, flash_attention_2, sdpa")
+    p.add_argument("--attn-implementation", default="auto", choices=attention.CHOICES, help=attention.help_text())
     p.add_argument("--max-length", type=int, default=None, help="longest conversation in tokens "
-                   "(default: the checkpoint's btrm_meta.json, else min(max_position_embeddings, 16384))")
+                   "(default: min(max_position_embeddings, 16384), not the training length)")
     p.add_argument("--truncation", choices=["error", "left"], default="error",
                    help="over-long conversations: error, or cut the prompt from the left (the last turn stays whole)")
     p.add_argument("--chat-template-kwargs", type=json.loads, default=None,
@@ -113,7 +119,10 @@ def parse_row(raw: Any, origin: str, name: str) -> tuple[str, Any]:
         raise BadRow("bad_row", "<row>", f"expected an object, got {type(raw).__name__}", origin)
     for key in CONVERSATION_KEYS:
         if key in raw:
-            return "conversation", validate_messages(raw[key], key, origin)
+            conv = validate_messages(raw[key], key, origin)
+            if conv[-1]["role"] != "assistant":  # the reward is read at the end of a response: none to read here
+                raise BadRow("last_not_assistant", key, f"last role is {conv[-1]['role']!r}", origin)
+            return "conversation", conv
     if "chosen" not in raw:
         raise BadRow("missing_field", "messages", "expected 'messages' / 'conversation' (a conversation) or "
                      "'chosen' and 'rejected' (a preference pair)", origin)
@@ -123,8 +132,9 @@ def parse_row(raw: Any, origin: str, name: str) -> tuple[str, Any]:
 class ChunkScorer:
     """Scores a chunk of parsed rows together (one packing over all their conversations) and writes it."""
 
-    def __init__(self, rm, out, tally: Tally, args, bar=None):
+    def __init__(self, rm, out, tally: Tally, args, bar=None, done: int = 0):
         self.rm, self.out, self.tally, self.args, self.bar = rm, out, tally, args, bar
+        self.done = done  # rows below this are already in the output: scored for packing, not written
 
     def __call__(self, rows: list[tuple[int, str, str, Any, Any]]) -> None:
         """rows: (row index, origin, kind, conversation(s), id); kind "bad" carries the error message."""
@@ -144,7 +154,7 @@ class ChunkScorer:
             if not isinstance(ids, list) and k not in errors:
                 msg = (f"{rows[k][1]}: field '{fld}': {ids.length} tokens > max length {ids.max_length} ("
                        + (ids.why or "--truncation left cuts the prompt from the left") + ")")
-                if not self.args.skip_bad:
+                if not self.args.skip_bad and rows[k][0] >= self.done:
                     if k:  # score the rows before it, so a resume starts at the bad row
                         self(rows[:k])
                     raise Stop(f"{msg} (or pass --skip-bad)")
@@ -156,10 +166,12 @@ class ChunkScorer:
             by_row[owner[i]].append(r)
         self.write(rows, by_row, errors)
         if self.bar is not None:
-            self.bar.update(len(rows))
+            self.bar.update(sum(r[0] >= self.done for r in rows))
 
     def write(self, rows, by_row: dict[int, list[float]], errors: dict[int, str]) -> None:
         for k, (row, _, kind, item, row_id) in enumerate(rows):
+            if row < self.done:
+                continue
             rec: dict[str, Any] = {"row": row}
             if row_id is not None:
                 rec["id"] = row_id
@@ -192,31 +204,32 @@ def score_file(args: argparse.Namespace) -> int:
     done = read_done(out_path, tally)
     if done:
         print(f"btrm score: resuming {out_path}: {done} rows already scored", file=sys.stderr)
-    rm = RewardModel.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                     attn_implementation=args.attn_implementation, max_length=args.max_length,
-                                     chat_template_kwargs=args.chat_template_kwargs, batch_tokens=args.batch_tokens,
-                                     truncation=args.truncation, trust_remote_code=args.trust_remote_code,
-                                     share_prompt=not args.no_share_prompt)
-    retain_freed_memory(rm.device)  # CPU: no page-faulting every batch's activations in again (btrm.cpu)
+    rm = load_in_owned_process(args.model, device=args.device, dtype=args.dtype,
+                               attn_implementation=args.attn_implementation, max_length=args.max_length,
+                               chat_template_kwargs=args.chat_template_kwargs, batch_tokens=args.batch_tokens,
+                               truncation=args.truncation, trust_remote_code=args.trust_remote_code,
+                               share_prompt=not args.no_share_prompt)
+    print(f"btrm score: {rm.length_note()}", file=sys.stderr)
     name = Path(args.input).stem
     t0, new_rows = time.perf_counter(), 0
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("a", encoding="utf-8") as out, tqdm(desc="scoring", unit="row", initial=done) as bar:
-        score_chunk = ChunkScorer(rm, out, tally, args, bar)
+        score_chunk = ChunkScorer(rm, out, tally, args, bar, done)
+        start = done - done % args.chunk_rows  # a resume re-packs the whole chunk it lands in (fixed boundaries)
         chunk: list[tuple[int, str, str, Any, Any]] = []
         for row, (origin, raw) in enumerate(iter_raw_rows(SourceConfig(path=args.input))):
-            if row < done:
+            if row < start:
                 continue
             row_id = raw.get("id") if isinstance(raw, dict) else None
             try:
                 kind, item = parse_row(raw, origin, name)
             except BadRow as e:
-                if not args.skip_bad:
+                if not args.skip_bad and row >= done:
                     score_chunk(chunk)
                     raise Stop(f"{e} (or pass --skip-bad)") from None
                 kind, item = "bad", str(e)
             chunk.append((row, origin, kind, item, row_id))
-            new_rows += 1
+            new_rows += row >= done
             if len(chunk) >= args.chunk_rows:
                 score_chunk(chunk)
                 chunk = []

@@ -20,23 +20,33 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from btrm.data.packing import best_fit_decreasing
-from btrm.data.prefix import common_prefix_len, group_by_prefix, item_prefix, item_tokens, pack_items
-from btrm.modeling import check_pad_token, packed_rewards, resolve_attn_implementation, resolve_dtype
+from btrm import attention
+from btrm.data.dataset import cut_prompt_left
+from btrm.data.packing import best_fit_decreasing, collate
+from btrm.data.prefix import common_prefix_len, group_by_prefix, item_prefix, item_tokens
+from btrm.errors import UserError
+from btrm.modeling import check_pad_token, conversation_end_token, packed_rewards, resolve_dtype
 from btrm.prefix_attention import sharing_mode
 from btrm.render import render_ids, render_text, tokenize_texts
 
 log = logging.getLogger(__name__)
 
 META_FILE = "btrm_meta.json"  # written by the trainer next to config.json: {"chat_template_kwargs", "max_length"}
-DEFAULT_MAX_LENGTH = 16384  # the Skywork-Reward-V2 training length
+# Scoring length cap when none is given: min(max_position_embeddings, 16384), the length released reward models are
+# evaluated at (Skywork-Reward-V2 card). The training length (btrm_meta.json) is kept as `train_max_length` and
+# shown, never used as the cap: benchmarks hold conversations far longer than a short training run's.
+DEFAULT_MAX_LENGTH = 16384
 PROGRESS_MIN = 256  # show a progress bar from this many conversations on (progress=None)
-_PROBE = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 
 Conversation = Sequence[dict]
 
 
-class OverlongError(ValueError):
+def usable_length(config) -> int:
+    """min(max_position_embeddings, 16384): the default scoring length of a model config."""
+    return min(getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
+
+
+class OverlongError(ValueError, UserError):
     """One input is longer than `max_length` tokens (and the policy does not cut it)."""
 
     def __init__(self, index: int, length: int, max_length: int, why: str = ""):
@@ -83,6 +93,8 @@ class RewardModel:
         self.share_prompt = bool(share_prompt) and sharing_mode(model) is not None
         # tokens the decoder ran on vs the tokens of the sequences scored, over this object's life
         self.token_counts = {"forward": 0, "sequences": 0}
+        self.train_max_length: int | None = None  # the training run's max_length (btrm_meta.json), for display
+        self.length_rule = "as given"  # where max_length came from, for display
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | Path, device: str | torch.device | None = None,
@@ -93,14 +105,17 @@ class RewardModel:
                         share_prompt: bool = True) -> "RewardModel":
         """Load a one-label *ForSequenceClassification checkpoint (safetensors) and its tokenizer.
 
-        chat_template_kwargs / max_length default to the checkpoint's `btrm_meta.json` when present; max_length
-        otherwise is min(max_position_embeddings, 16384). attn_implementation "auto" packs without padding on
-        any device (segment SDPA on CPU, varlen / flash-attn on CUDA). share_prompt: encode a prompt that several
+        chat_template_kwargs defaults to the checkpoint's `btrm_meta.json` when present; max_length to
+        min(max_position_embeddings, 16384) (`usable_length`), whatever length the checkpoint was trained at
+        (`train_max_length`). attn_implementation "auto" packs without padding on any device: the fastest backend
+        of btrm.attention that runs on `device` in `dtype`. share_prompt: encode a prompt that several
         conversations of one call share once (not with flash_attention_2, which cannot take the layout).
         """
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         path = str(path_or_hub_id)
+        if not Path(path).is_dir() and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+            raise FileNotFoundError(f"{path}: no such checkpoint directory (and not a Hub id 'owner/name')")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         meta = read_meta(path)
         if chat_template_kwargs is None:
@@ -110,9 +125,10 @@ class RewardModel:
         # Like the model card (num_labels=1): a checkpoint with another head shape fails to load instead of
         # silently getting a fresh head.
         config.num_labels = 1
+        dtype = resolve_dtype(dtype, device)
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=resolve_dtype(dtype, device), device_map={"": device},  # straight onto the device
-            attn_implementation=resolve_attn_implementation(attn_implementation, device),
+            path, config=config, dtype=dtype, device_map={"": device},  # straight onto the device
+            attn_implementation=attention.select(attn_implementation, device, dtype),
             trust_remote_code=trust_remote_code, use_safetensors=True, output_loading_info=True)
         missing = list(info.get("missing_keys") or [])
         if missing:
@@ -121,18 +137,24 @@ class RewardModel:
         head = getattr(model, "score", None)
         if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
             raise ValueError(f"{type(model).__name__} has no one-output `score` Linear head")
-        if max_length is None:
-            max_length = meta.get("max_length") or min(
-                getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
-        rm = cls(model, tokenizer, max_length=max_length, chat_template_kwargs=chat_template_kwargs,
-                 batch_tokens=batch_tokens, truncation=truncation, share_prompt=share_prompt)
+        rm = cls(model, tokenizer, max_length=max_length or usable_length(config),
+                 chat_template_kwargs=chat_template_kwargs, batch_tokens=batch_tokens, truncation=truncation,
+                 share_prompt=share_prompt)
+        rm.train_max_length = meta.get("max_length")
+        rm.length_rule = "as given" if max_length else (
+            f"min(max_position_embeddings {getattr(config, 'max_position_embeddings', None)}, {DEFAULT_MAX_LENGTH})")
         rm._check_checkpoint(config)
         return rm
+
+    def length_note(self) -> str:
+        """'max_length 16384 tokens (min(max_position_embeddings 131072, 16384)); trained at 512 (btrm_meta.json)'."""
+        trained = f"trained at {self.train_max_length}" if self.train_max_length else "training length not recorded"
+        return f"max_length {self.max_length} tokens ({self.length_rule}); {trained} (btrm_meta.json)"
 
     def _check_checkpoint(self, config) -> None:
         # HF / SGLang / vLLM pool the rightmost non-pad token: a pad id that ends every rendered conversation would
         # make them read rewards one token early, so such a checkpoint cannot score consistently anywhere.
-        last = render_ids(self.tokenizer, _PROBE, self.chat_template_kwargs)[-1]
+        last = conversation_end_token(self.tokenizer, self.chat_template_kwargs)
         if config.pad_token_id is None:
             log.warning("config has no pad_token_id: HF batched scoring cannot pool it (our packed path, SGLang "
                         "and one-at-a-time HF scoring are unaffected)")
@@ -182,18 +204,28 @@ class RewardModel:
         """Cut prompt tokens from the left (after a leading BOS); the last turn, where the reward is read, stays."""
         if self.truncation == "error":
             raise OverlongError(index, len(ids), self.max_length)
-        prompt = list(conversation)[:-1]
-        if not prompt:
+        if len(conversation) < 2:
             raise OverlongError(index, len(ids), self.max_length, "no prompt turns to cut")
-        prompt_ids = render_ids(self.tokenizer, prompt, self.chat_template_kwargs)
-        shared = common_prefix_len(ids, prompt_ids)
-        bos = self.tokenizer.bos_token_id if self.tokenizer.bos_token else None
-        head = 1 if bos is not None and ids and ids[0] == bos else 0
-        need = len(ids) - self.max_length
-        if shared - head < need:
-            raise OverlongError(index, len(ids), self.max_length,
-                                f"the last turn alone needs {len(ids) - shared + head} tokens")
-        return ids[:head] + ids[head + need:]
+        try:
+            return cut_prompt_left([ids], self._prompt_len(ids, conversation), len(ids) - self.max_length,
+                                   self._bos_id())[0]
+        except ValueError as e:
+            raise OverlongError(index, len(ids), self.max_length, str(e)) from None
+
+    def _bos_id(self) -> int | None:
+        return self.tokenizer.bos_token_id if self.tokenizer.bos_token else None
+
+    def _prompt_len(self, ids: list[int], conversation: Conversation) -> int:
+        """Leading tokens of `ids` that render the prompt turns (all but the last)."""
+        prompt = list(conversation)[:-1]
+        return common_prefix_len(ids, render_ids(self.tokenizer, prompt, self.chat_template_kwargs)) if prompt else 0
+
+    def cut_length(self, conversation: Conversation) -> int:
+        """Tokens left once truncation='left' has cut every prompt token: the least this conversation can take."""
+        ids = render_ids(self.tokenizer, conversation, self.chat_template_kwargs)
+        prompt_len = self._prompt_len(ids, conversation)
+        head = 1 if prompt_len and ids[:1] == [self._bos_id()] else 0
+        return len(ids) - max(prompt_len - head, 0)
 
     # ------------------------------------------------------------------------------------------------------------------
     # Scoring
@@ -255,9 +287,7 @@ class RewardModel:
             bar = tqdm(total=len(seqs), desc="scoring", unit="conv")
         out = [0.0] * len(seqs)
         for b in best_fit_decreasing(item_sizes, capacity):
-            batch = pack_items([groups[j] for j in b])
-            if not batch.prefix.shared:  # nothing shared in this row: the plain packed path, which every backend takes
-                batch.prefix = None
+            batch = collate([groups[j] for j in b], share=self.share_prompt)  # a plain row when nothing is shared
             rewards = packed_rewards(self.model, batch).tolist()
             for i, r in zip((i for j in b for i in items[j]), rewards):
                 out[i] = r
@@ -279,3 +309,16 @@ class RewardModel:
     def __repr__(self) -> str:
         return (f"RewardModel({type(self.model).__name__}, device={self.device}, max_length={self.max_length}, "
                 f"chat_template_kwargs={self.chat_template_kwargs})")
+
+
+def load_in_owned_process(path_or_hub_id: str | Path, **kwargs) -> RewardModel:
+    """`RewardModel.from_pretrained` for a process btrm owns (`btrm score`, `btrm serve`, `btrm eval`).
+
+    On CPU it also keeps freed memory in the process (btrm.cpu.retain_freed_memory): no page-faulting every
+    batch's activations in again. That setting is process-wide, so plain library use does not get it.
+    """
+    from btrm.cpu import retain_freed_memory
+
+    rm = RewardModel.from_pretrained(path_or_hub_id, **kwargs)
+    retain_freed_memory(rm.device)
+    return rm

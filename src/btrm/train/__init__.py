@@ -1,1 +1,1 @@
-"""Training: DeepSpeed config, loggers, checkpoints and the loop."""
+"""Training: the optimizer and lr schedule, the DeepSpeed config, loggers, checkpoints and the loop."""

@@ -3,7 +3,7 @@
 Layout of `<output_dir>/checkpoint-<step>/`:
   model.safetensors, config.json (num_labels 1, pad_token_id), tokenizer files with the chat template
   btrm_config.yaml   the resolved training config
-  btrm_meta.json     render settings (chat_template_kwargs, max_length) scoring must reuse
+  btrm_meta.json     render settings scoring must reuse (chat_template_kwargs) and the training max_length (shown)
   trainer_state.json step and data position
   rng/rank<r>.json   per-rank RNG states
   ds/                DeepSpeed model/optimizer/scheduler state
@@ -108,7 +108,7 @@ def save_checkpoint(engine, hf_model, tokenizer, step: int, output_dir: str | Pa
     barrier()
     engine.save_checkpoint(str(tmp / "ds"), tag=DS_TAG, save_latest=False)
     (tmp / "rng" / f"rank{rank}.json").write_text(json.dumps(rng_state()))
-    state_dict = gathered_state_dict(engine)  # collective under ZeRO-3
+    state_dict = gathered_state_dict(engine, rank)  # collective under ZeRO-3
     if rank == 0:
         hf_model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
@@ -128,12 +128,16 @@ def save_checkpoint(engine, hf_model, tokenizer, step: int, output_dir: str | Pa
     return final
 
 
-def gathered_state_dict(engine) -> dict | None:
-    """Full HF-keyed state dict on rank 0 (16-bit gathered under ZeRO-3); keys without the wrapper prefix."""
+def gathered_state_dict(engine, rank: int) -> dict | None:
+    """Full HF-keyed state dict on rank 0, None elsewhere (16-bit gathered under ZeRO-3); keys without the wrapper
+    prefix. Under ZeRO 0-2 every rank holds the full weights, so only rank 0 copies them to host memory (an 8B model
+    is 16 GB per copy)."""
     if engine.zero_optimization_stage() == 3:
-        sd = engine._zero3_consolidated_16bit_state_dict()
+        sd = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank takes part
         if sd is None:
             return None
+    elif rank != 0:
+        return None
     else:
         sd = engine.module.state_dict()
     prefix = "rm."

@@ -1,95 +1,36 @@
-"""The training loop: packed Bradley-Terry steps under DeepSpeed, eval, logging, checkpoints, exact resume."""
+"""The training loop: packed steps of the configured objective under DeepSpeed, eval, logging, checkpoints, exact
+resume."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import signal
-import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 import btrm
+from btrm import attention
 from btrm.builtin import resolve_builtins
 from btrm.config import Config, dump_yaml, to_dict
-from btrm.cpu import retain_freed_memory, share_cpu_threads
 from btrm.data.dataset import PreparedData, StepSampler, TokenizedPairs, prepare_data, rank_micro_batches
 from btrm.data.packing import assign_to_ranks, best_fit_decreasing, collate_pairs, packing_efficiency
+from btrm.data.sources import DataReport
+from btrm.distributed import setup_distributed
 from btrm.flops import model_shape, non_embedding_params, peak_flops, train_flops
-from btrm.loss import bt_loss, finalize_metrics
+from btrm.loss import build_objective
 from btrm.prefix_attention import sharing_mode
 from btrm.modeling import (enable_activation_checkpointing, ensure_pad_token, load_reward_model, packed_rewards,
-                           resolve_attn_implementation, resolve_dtype)
+                           resolve_dtype)
 from btrm.train import checkpoint as ckpt
 from btrm.train.ds_config import build_ds_config
 from btrm.train.logger import build_logger
+from btrm.train.optim import build_optimizer, lr_scheduler
 
 log = logging.getLogger("btrm")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Distributed setup
-
-
-@dataclass
-class Dist:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-    def sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
-        if self.world_size > 1:
-            t = t.to(self._comm_device())
-            torch.distributed.all_reduce(t)
-        return t.cpu().tolist()
-
-    def gather_objects(self, obj) -> list:
-        if self.world_size == 1:
-            return [obj]
-        out = [None] * self.world_size
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def _comm_device(self):
-        return self.device if self.device.type == "cuda" else torch.device("cpu")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def setup_distributed() -> Dist:
-    """Works under the deepspeed launcher, torchrun, and a plain `python train.py` (one process)."""
-    import deepspeed
-
-    if "RANK" not in os.environ:  # plain python: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
-    deepspeed.init_distributed(verbose=False)
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-        share_cpu_threads()
-        retain_freed_memory()
-    return Dist(rank, world, local_rank, device)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -105,36 +46,6 @@ class RewardWrapper(torch.nn.Module):
 
     def forward(self, batch):
         return packed_rewards(self.rm, batch)
-
-
-def lr_factor(step: int, total: int, warmup: int, kind: str, min_ratio: float) -> float:
-    """Multiplier of the peak lr for optimizer step `step` (0-based)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if kind == "linear":
-        return min_ratio + (1 - min_ratio) * (1 - progress)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device):
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    o = cfg.optim
-    if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr)
-    if cfg.deepspeed.offload_optimizer:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, lr=o.lr, betas=o.betas, eps=o.eps, adamw_mode=True)
-    # torch's fused AdamW on CUDA (no extension build needed), foreach on CPU
-    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, **fused)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -157,7 +68,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             ckpt.clean_partial(self.out)
         d.barrier()
-        cfg = self.cfg_resolved = resolve_builtins(cfg, self.is_main, d.barrier)
+        cfg = resolve_builtins(cfg, self.is_main, d.barrier)  # self.cfg stays as written: checkpoints save that
 
         # --- tokenizer and data (rank 0 tokenizes and caches; the others then read the cache)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path,
@@ -168,8 +79,7 @@ class Trainer:
         d.barrier()
         if not self.is_main:
             self.data = prepare_data(cfg.data, self.tokenizer, cfg.train.seed)
-        self._log_data_report(self.data)
-        self.data_metrics = _data_metrics(self.data.report)
+        self.data_metrics = self._report_data(self.data)
         self.sampler = StepSampler(len(self.data.train), cfg.train.global_batch_pairs, cfg.train.seed,
                                    cfg.data.shuffle)
         spe = self.sampler.steps_per_epoch
@@ -179,13 +89,13 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.model.dtype, d.device)
         if d.device.type == "cpu" and self.dtype == torch.bfloat16:
             log.warning("bf16 on CPU is slow and DeepSpeed's CPU path is tested in fp32")
-        self.ds_config = build_ds_config(cfg, d.world_size, self.dtype, d.device.type)
+        self.ds_config = build_ds_config(cfg, d.dp_size, self.dtype, d.device.type)
         self._hf_ds = None
         if cfg.deepspeed.zero_stage == 3:
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds = HfDeepSpeedConfig(self.ds_config)  # must be alive during from_pretrained: partitioned load
-        attn = resolve_attn_implementation(cfg.model.attn_implementation, d.device)
+        attn = attention.select(cfg.model.attn_implementation, d.device, self.dtype)
         rm = load_reward_model(cfg.model.name_or_path, self.tokenizer, dtype=self.dtype, attn_implementation=attn,
                                trust_remote_code=cfg.model.trust_remote_code, head_init_std=cfg.model.head_init_std,
                                seed=cfg.train.seed)
@@ -200,17 +110,12 @@ class Trainer:
         self.n_params = non_embedding_params(rm)
         self.shape = model_shape(rm.config)
         wrapper = RewardWrapper(rm)
-        optimizer = build_optimizer(cfg, wrapper, d.device)
-        o = cfg.optim
-        warmup = o.warmup_steps or round(o.warmup_ratio * self.total_steps)
         import deepspeed
 
-        def sched(opt):  # built on DeepSpeed's wrapped optimizer, whose param groups ZeRO may rewrite
-            return torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s: lr_factor(s, self.total_steps, warmup, o.scheduler, o.min_lr_ratio))
-
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=wrapper, optimizer=optimizer, lr_scheduler=sched, config=self.ds_config)
+            model=wrapper, optimizer=build_optimizer(cfg, wrapper, d.device),
+            lr_scheduler=lr_scheduler(cfg.optim, self.total_steps), config=self.ds_config)
+        self.objective = build_objective(cfg.train.loss)
         self.peak = peak_flops(torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu")
 
         # --- resume, logging, signals
@@ -270,26 +175,24 @@ class Trainer:
         """One optimizer step over `global_batch_pairs` pairs, packed into this rank's micro-batches."""
         cfg, d, engine = self.cfg, self.dist, self.engine
         t0 = time.perf_counter()
+        if d.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(d.device)
         pairs = self.sampler.step_pairs(step)
-        micro, plan, sizes = rank_micro_batches(self.data.train, pairs, cfg.data.max_tokens, d.world_size, d.rank,
+        micro, plan, sizes = rank_micro_batches(self.data.train, pairs, cfg.data.max_tokens, d.dp_size, d.dp_rank,
                                                 self.share)
         # Each pair weighs 1/N of the step: sum of per-pair losses / global pair count. DeepSpeed averages the
-        # gradients over ranks, so scale by world_size to turn its mean back into a sum.
-        scale = d.world_size / len(pairs)
+        # gradients over data-parallel ranks, so scale by dp_size to turn its mean back into a sum.
+        scale = d.dp_size / len(pairs)
         sums: dict[str, float] = {}
         engine.train()
         for i, batch in enumerate(micro):
             engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
-            loss, batch_sums = self._loss(batch)
+            loss, batch_sums, _ = self._loss(batch)
             engine.backward(loss * scale, scale_wrt_gas=False)
-            for k, v in batch_sums.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            _add(sums, batch_sums)
         engine.step()
         # --- metrics (global)
-        keys = ["pairs", "loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "chosen_reward_sq",
-                "rejected_reward_sq"]
-        total = dict(zip(keys, d.sum([sums.get(k, 0.0) for k in keys])))
-        metrics = finalize_metrics(total)
+        metrics = self._reduce(sums)
         dt = time.perf_counter() - t0
         bins = [b for rank_bins in plan for b in rank_bins]
         tokens = int(self.data.train.sizes[pairs].sum())  # the sequences' own tokens, shared prompts or not
@@ -304,21 +207,28 @@ class Trainer:
             micro_steps=len(micro), epoch=step / self.sampler.steps_per_epoch)
         if self.peak:
             metrics["mfu"] = train_flops(self.n_params, *self.shape, seg) / dt / (self.peak * d.world_size)
+        if d.device.type == "cuda":  # peak allocated during the step, GiB: what btrm plan's estimate is checked against
+            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
         return metrics
 
     def _loss(self, batch):
-        """Summed BT loss and metric sums of one packed micro-batch (a placeholder when a rank has no pairs)."""
-        cfg = self.cfg
-        empty = batch.n_pairs == 0
-        if empty:  # every rank must run the same forwards (ZeRO collectives): a 2-token stand-in, weight 0
+        """(summed loss, metric sums, rewards) of one packed micro-batch, through the configured objective.
+
+        A rank without items in this micro-step still runs a forward (ZeRO collectives need every rank): a
+        2-token stand-in whose loss and metric sums count 0, with the same metric keys as every other rank."""
+        if batch.n_items == 0:
             tok = self.tokenizer.pad_token_id
-            batch = collate_pairs([[tok]], [[tok]])
+            stand_in = collate_pairs([[tok]], [[tok]])
+            loss, sums = self.objective.loss(self.engine(stand_in), stand_in)
+            return loss * 0.0, {k: v * 0.0 for k, v in sums.items()}, None
         rewards = self.engine(batch)
-        margins = batch.margins.to(rewards.device) if cfg.train.loss.margin else None
-        loss, sums = bt_loss(rewards[0::2], rewards[1::2], margins, cfg.train.loss.center_coef)
-        if empty:
-            return loss * 0.0, {}
-        return loss, sums
+        loss, sums = self.objective.loss(rewards, batch)
+        return loss, sums, rewards
+
+    def _reduce(self, sums: dict[str, float]) -> dict[str, float]:
+        """This rank's metric sums -> summed over ranks -> the objective's logged metrics."""
+        keys = sorted(sums)  # the objective returns the same keys on every rank
+        return self.objective.finalize(dict(zip(keys, self.dist.sum([sums[k] for k in keys]))))
 
     # ------------------------------------------------------------------------------------------------------------------
 
@@ -330,30 +240,23 @@ class Trainer:
             return {}
         cfg, d = self.cfg, self.dist
         sizes = ev.packed_sizes(self.share).tolist()
-        plan = assign_to_ranks(best_fit_decreasing(sizes, cfg.data.max_tokens), sizes, d.world_size)
+        plan = assign_to_ranks(best_fit_decreasing(sizes, cfg.data.max_tokens), sizes, d.dp_size)
         self.engine.eval()
         sums: dict[str, float] = {}
         groups: dict[str, list[float]] = {}
-        for mb in plan[d.rank]:
+        for mb in plan[d.dp_rank]:
             batch = ev.batch(mb, self.share)
-            if batch.n_pairs == 0:
-                self._loss(batch)
+            _, s, rewards = self._loss(batch)
+            _add(sums, s)
+            if rewards is None:
                 continue
-            rewards = self.engine(batch)
-            c, r = rewards[0::2], rewards[1::2]
-            _, s = bt_loss(c, r, batch.margins.to(c.device) if cfg.train.loss.margin else None,
-                           cfg.train.loss.center_coef)
-            for k, v in s.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            for ok, src, cat in zip((c > r).tolist(), batch.sources, batch.categories):
+            for ok, src, cat in zip(batch.best_wins(rewards).tolist(), batch.sources, batch.categories):
                 for key in (f"source/{src}",) + ((f"category/{cat}",) if cat is not None else ()):
                     g = groups.setdefault(key, [0.0, 0.0])
                     g[0] += ok
                     g[1] += 1
         self.engine.train()
-        keys = ["pairs", "loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "chosen_reward_sq",
-                "rejected_reward_sq"]
-        total = finalize_metrics(dict(zip(keys, d.sum([sums.get(k, 0.0) for k in keys]))))
+        total = self._reduce(sums)
         merged: dict[str, list[float]] = {}
         for part in d.gather_objects(groups):
             for k, (a, n) in part.items():
@@ -412,36 +315,22 @@ class Trainer:
         else:
             print(text, flush=True)
 
-    def _log_data_report(self, data: PreparedData) -> None:
-        if not self.is_main:
-            return
+    def _report_data(self, data: PreparedData) -> dict[str, float]:
+        """Print what happened to the raw rows (rank 0); return the counts logged with every step."""
         rep = data.report
         self._write(f"data: {rep['train_pairs']} training pairs, {rep['eval_pairs']} held-out pairs")
+        metrics = {"data/train_pairs": rep["train_pairs"], "data/eval_pairs": rep["eval_pairs"]}
         for split in ("train", "eval"):
-            r = rep[split]
-            if r.get("skipped"):
-                self._write(f"  {split} skipped invalid rows: {json.dumps(r['skipped'])}")
-                for reason, example in r.get("examples", {}).items():
-                    self._write(f"    e.g. {example}")
-            if r.get("overlong_dropped"):
-                self._write(f"  {split} over-long pairs dropped: {json.dumps(r['overlong_dropped'])}")
-            if r.get("overlong_truncated"):
-                self._write(f"  {split} over-long pairs prompt-truncated: {json.dumps(r['overlong_truncated'])}")
+            report = DataReport.from_dict(rep[split])
+            for line in report.log_lines(split):
+                self._write(line)
+            metrics.update(report.metrics(split))
+        return metrics
 
 
-def _data_metrics(report: dict) -> dict[str, float]:
-    """Constant per run, logged with every step: pairs used, invalid rows skipped by reason, over-long handling."""
-    out = {"data/train_pairs": report["train_pairs"], "data/eval_pairs": report["eval_pairs"]}
-    for split in ("train", "eval"):
-        r = report[split]
-        reasons: dict[str, int] = {}
-        for per_reason in r.get("skipped", {}).values():
-            for reason, n in per_reason.items():
-                reasons[reason] = reasons.get(reason, 0) + n
-        out.update({f"data/{split}_skipped/{k}": v for k, v in reasons.items()})
-        out[f"data/{split}_overlong_dropped"] = sum(r.get("overlong_dropped", {}).values())
-        out[f"data/{split}_overlong_truncated"] = sum(r.get("overlong_truncated", {}).values())
-    return out
+def _add(sums: dict[str, float], more: dict) -> None:
+    for k, v in more.items():
+        sums[k] = sums.get(k, 0.0) + float(v)
 
 
 def _float(x) -> float:

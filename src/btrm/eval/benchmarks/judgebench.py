@@ -1,8 +1,12 @@
 """JudgeBench (ScalerLab/JudgeBench, split `gpt`, 350 pairs; label "A>B" or "B>A").
 
-Decision "A>B" when score(A) > score(B), otherwise "B>A" (a tie goes to B). The model card reports the mean of the
-4 category accuracies (knowledge, reasoning, math, coding); JudgeBench's own script pools all pairs: both are
-reported, the overall is the category mean. Source: ScalerLab/JudgeBench `utils/metrics.py`.
+Rules and where they come from (ScalerLab/JudgeBench):
+- decision "A>B" when score(A) > score(B), otherwise "B>A": a tie goes to B (`utils/judges.py`, the reward-model
+  judges: `'A>B' if score_A > score_B else 'B>A'`);
+- accuracy = 100 * correct / pairs over the pairs whose `source` starts with a category prefix, and "Overall"
+  over all pairs (`utils/metrics.py::compute_final_metrics` single game, called per prefix by `run_judge.py`).
+The model card reports the mean of the 4 category accuracies (knowledge, reasoning, math, coding); JudgeBench's
+own "Overall" pools all pairs: both are reported (`details.pooled`), the overall is the category mean.
 """
 
 from __future__ import annotations

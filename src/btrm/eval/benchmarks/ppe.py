@@ -2,7 +2,12 @@
 
 Preference (PPE-Human-Preference-V1, split `test`): `prompt, response_1, response_2, winner` with winner
 "model_a" (response_1) / "model_b" (response_2) / "tie" / "tie (bothbad)". Accuracy against the human winner;
-tie rows are kept as units with no completions (never scored) and counted, not judged.
+tie rows are kept as units with no completions (never scored) and counted, not judged. Multi-turn rows: the
+dataset card's schema has `prompt`, `response_1`, `response_2` as plain strings (the turn count only in
+`conv_metadata.turns`): earlier turns are not separate messages in the data, so a row is scored as one
+[user prompt, assistant response] exchange holding whatever the prompt string holds; a prompt given as a message
+list keeps all its turns (`core.chat`). Source of the rule: the PPE paper (lmarena/PPE's
+code is not read here).
 
 Correctness (PPE-{MMLU-Pro,MATH,GPQA,IFEval,MBPP-Plus}-Best-of-K, split `train`): `prompt, response_1..K,
 scores` (1 = correct) and `sampled_conflict_pairs` (0-based index pairs, one correct and one incorrect). One unit

@@ -1,9 +1,14 @@
 """RewardBench 2 (allenai/reward-bench-2, split `test`, 1,865 rows in 6 subsets).
 
-Rows other than Ties are best-of-4: the row scores 1/k when the first chosen completion has the maximum score and
-k completions share that maximum, else 0. Ties rows ("ref:<n>" with one correct answer, "tied:<n>" with several,
-for the same prompt n) are scored as a set by `ties_score`. Overall = unweighted mean of the subsets.
-Rule source: allenai/reward-bench `rewardbench/utils.py` (`reroll_and_score_dataset`, `process_single_model`).
+Rules and where they come from (allenai/reward-bench):
+- a row's completions are `chosen + rejected`, in that order, and the first `num_correct` of them are the
+  correct ones (`rewardbench/utils.py::load_bon_dataset_v2` unrolls them; `process_single_model` reads
+  `i < num_correct`); a row without `num_correct` takes its `chosen` list as the correct ones;
+- rows other than Ties: the row scores 1/k when the first completion holds the maximum score and k completions
+  share that maximum, else 0 (`rewardbench/utils.py::reroll_and_score_dataset`); subset = mean over rows;
+- Ties rows ("ref:<n>" with one correct answer, "tied:<n>" with several, for the same prompt n) are scored as a
+  set (`rewardbench/utils.py::process_single_model` and `_compute_prompt_stats`), see `ties_score`;
+- overall = unweighted mean of the subsets (`scripts/run_v2.py`, per-subset `results_grouped`).
 """
 
 from __future__ import annotations
@@ -24,22 +29,36 @@ def to_units(records: list[dict]) -> list[Unit]:
             raise ValueError(f"row {r['id']}: total_completions={total} but {len(chosen) + len(rejected)} completions")
         completions = {f"chosen_{i}": chat(r["prompt"], c) for i, c in enumerate(chosen)}
         completions.update({f"rejected_{i}": chat(r["prompt"], c) for i, c in enumerate(rejected)})
-        units.append(Unit(id=str(r["id"]), subset=r["subset"], completions=completions))
+        num_correct = r.get("num_correct")
+        if num_correct is not None and not 0 <= num_correct <= len(completions):
+            raise ValueError(f"row {r['id']}: num_correct={num_correct} with {len(completions)} completions")
+        meta = {} if num_correct is None else {"num_correct": num_correct}
+        units.append(Unit(id=str(r["id"]), subset=r["subset"], completions=completions, meta=meta))
     return units
 
 
+def ordered(scores: dict[str, float]) -> list[float]:
+    """Scores in the official order: chosen_0, chosen_1, ..., rejected_0, rejected_1, ..."""
+    def key(name: str) -> tuple[int, int]:
+        kind, _, i = name.rpartition("_")
+        return (0 if kind == "chosen" else 1, int(i))
+
+    return [scores[name] for name in sorted(scores, key=key)]
+
+
 def best_of_n(scores: dict[str, float]) -> float:
-    """1/k when chosen_0 holds the maximum shared by k completions, else 0."""
+    """1/k when the first completion (chosen_0) holds the maximum shared by k completions, else 0."""
     top = max(scores.values())
-    if scores["chosen_0"] != top:
+    if ordered(scores)[0] != top:
         return 0.0
     return 1.0 / sum(1 for s in scores.values() if s == top)
 
 
-def _split(scores: dict[str, float]) -> tuple[list[float], list[float]]:
-    correct = [s for name, s in scores.items() if name.startswith("chosen_")]
-    incorrect = [s for name, s in scores.items() if name.startswith("rejected_")]
-    return correct, incorrect
+def _split(u: Unit) -> tuple[list[float], list[float]]:
+    """(correct, incorrect) scores: the first num_correct in the official order (default: the chosen ones)."""
+    n = u.meta.get("num_correct", sum(name.startswith("chosen_") for name in u.scores))
+    scores = ordered(u.scores)
+    return scores[:n], scores[n:]
 
 
 def _ratio_tanh(num: float, den: float) -> float:
@@ -63,7 +82,9 @@ def ties_score(units: list[Unit]) -> tuple[list[float], float]:
         kind, sep, prompt_id = u.id.partition(":")
         if not sep or kind not in ("ref", "tied"):
             raise ValueError(f"Ties row id {u.id!r}: expected 'ref:<n>' or 'tied:<n>'")
-        correct, incorrect = _split(u.scores)
+        correct, incorrect = _split(u)
+        if not correct or not incorrect:
+            raise ValueError(f"Ties row {u.id}: needs a correct and an incorrect completion (num_correct)")
         margin = min(correct) - max(incorrect)
         spread = max(correct) - min(correct)  # 0 for one correct answer (official: None, never used for refs)
         stats[kind, prompt_id] = (margin > 0, margin, spread)

@@ -1,8 +1,11 @@
-"""RMB (GitHub Zhou-Zoey/RMB-Reward-Model-Benchmark, `RMB_dataset/{Pairwise_set,BoN_set}/...`).
+"""RMB (GitHub Zhou-Zoey/RMB-Reward-Model-Benchmark, `RMB_dataset/{Pairwise_set,BoN_set}/...`; not on the Hub).
 
-Pairwise rows (`chosen`, `reject`): correct when chosen > reject. BoN rows (`bon_best`, `loser_list`): correct
-when bon_best beats every loser (strict). Subsets are the files' `category_path`s; the goal (Helpfulness /
-Harmlessness) is its second part.
+Rules and where they come from:
+- pairwise rows (`chosen`, `reject`): correct when chosen > reject, strictly; accuracy = correct / rows
+  (the repository's `eval/scripts/my_run_rm.py`, `results.append(1) if chosen > rejected`);
+- BoN rows (`bon_best`, `loser_list`): correct when bon_best beats every loser, strictly (the RMB paper's
+  best-of-N accuracy; the repository's script scores pairs only).
+Subsets are the files' `category_path`s; the goal (Helpfulness / Harmlessness) is its second part.
 
 The model card's single RMB figure mixes both kinds, and its aggregation is not published. OUR aggregation:
 pairwise = mean over goals of the pooled pairwise accuracy, bon = the same for BoN, overall = mean(pairwise, bon)
