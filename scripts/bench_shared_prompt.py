@@ -6,7 +6,8 @@ One random-init Llama reward model (fp32, `btrm_segment` attention), random toke
 whose first `share x seq-len` tokens (the prompt) are common to the sequences of an item:
 
   training   --pairs pairs in one row (2 x pairs x seq-len tokens unshared), BT loss, forward + backward.
-             plain = today's packed row (`collate_pairs`, `packed_rewards`); shared = `collate(share=True)` (each prompt once, then both responses).
+             plain = today's packed row (`collate_pairs`, `packed_rewards`); shared = `collate(share=True)`
+             (each prompt once, then both responses).
   scoring    the same pairs, forward only, through `RewardModel.score_ids` with share_prompt off / on.
   best-of-N  one prompt of 70% of --seq-len and --best-of responses, `RewardModel.score_ids` off / on.
 

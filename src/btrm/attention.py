@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # torch and transformers are imported where used, so btrm.config can read CHOICES without loading them.
-HALF = ("float16", "bfloat16")
-LAYOUT_KWARG = "prefix_layout"  # the shared-prefix layout's keyword through the decoder to the attention function  # what the flash kernels (flash-attn's and torch's varlen) accept
+HALF = ("float16", "bfloat16")  # what the flash kernels (flash-attn's and torch's varlen) accept
+LAYOUT_KWARG = "prefix_layout"  # the shared-prefix layout's keyword through the decoder to the attention function
 
 
 # ----------------------------------------------------------------------------------------------------------------------
