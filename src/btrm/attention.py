@@ -15,6 +15,10 @@ travel as `cu_seq_lens_q/k` (int32 [n_seg + 1]) through transformers' attention 
 one line naming it and why the faster ones were passed over. `varlen_attn`'s signature changed between torch
 releases, so it is probed once (`probe_varlen`) and called the way this torch accepts (`varlen_attention`).
 
+Rows where an item's prompt is packed once (`btrm.data.prefix`) carry their layout as the `prefix_layout`
+keyword: segment and varlen read it (`btrm.prefix_attention`), sdpa and eager get an explicit mask, and
+flash_attention_2 (transformers' own function) cannot take such rows (`Backend.shares_prompt`).
+
 Adding a backend: write its function here, add a `Backend` row to `BACKENDS`, and test it in
 tests/core/test_attention.py.
 """
@@ -197,7 +201,8 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("flash_attention_2", "flash_attention_2", "flash-attn's varlen kernel (CUDA, fp16/bf16, optional extra)",
             devices=("cuda",), dtypes=HALF, missing=_flash_attn_missing),
     Backend("varlen", "btrm_varlen", "torch's own varlen flash kernel (CUDA, fp16/bf16, torch >= 2.11)",
-            devices=("cuda",), dtypes=HALF, function=varlen_attention, missing=_varlen_missing, shares_prompt="layout"),
+            devices=("cuda",), dtypes=HALF, function=varlen_attention, missing=_varlen_missing,
+            shares_prompt="layout"),
     Backend("segment", "btrm_segment", "per-segment SDPA, cost sum(s_i^2) (any device and dtype)",
             function=segment_attention, shares_prompt="layout"),
     Backend("sdpa", "sdpa", "transformers' SDPA with a dense block mask from position_ids (cost T^2)",
