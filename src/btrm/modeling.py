@@ -157,7 +157,7 @@ def decoder_of(model):
 
 def packed_rewards(model, batch) -> torch.Tensor:
     """Rewards [n_seq] (float32) for a PackedBatch: one decoder pass over the row, head at each end index."""
-    if batch.prefix is not None:
+    if getattr(batch, "prefix", None) is not None:  # gpu_check passes a bare namespace with the row only
         return prefix_rewards(model, batch.input_ids, batch.position_ids, batch.prefix)
     device = next(model.parameters()).device
     out = decoder_of(model)(
