@@ -15,6 +15,10 @@ travel as `cu_seq_lens_q/k` (int32 [n_seg + 1]) through transformers' attention 
 one line naming it and why the faster ones were passed over. `varlen_attn`'s signature changed between torch
 releases, so it is probed once (`probe_varlen`) and called the way this torch accepts (`varlen_attention`).
 
+Rows where an item's prompt is packed once (`btrm.data.prefix`) carry their layout as the `prefix_layout`
+keyword: segment and varlen read it (`btrm.prefix_attention`), sdpa and eager get an explicit mask, and
+flash_attention_2 (transformers' own function) cannot take such rows (`Backend.shares_prompt`).
+
 Adding a backend: write its function here, add a `Backend` row to `BACKENDS`, and test it in
 tests/core/test_attention.py.
 """
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 
 # torch and transformers are imported where used, so btrm.config can read CHOICES without loading them.
 HALF = ("float16", "bfloat16")  # what the flash kernels (flash-attn's and torch's varlen) accept
+LAYOUT_KWARG = "prefix_layout"  # the shared-prefix layout's keyword through the decoder to the attention function
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -51,6 +56,11 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
     import torch
     import torch.nn.functional as F
 
+    if kwargs.get(LAYOUT_KWARG) is not None:  # a shared-prefix row (btrm.data.prefix)
+        from btrm.prefix_attention import segment_prefix_attention
+
+        return segment_prefix_attention(query, key, value, kwargs[LAYOUT_KWARG], scaling,
+                                        dropout if module.training else 0.0), None
     if query.shape[0] != 1:
         raise ValueError("btrm_segment attention expects one packed row (batch size 1)")
     bounds = _bounds(kwargs, query.shape[2])
@@ -111,6 +121,14 @@ def make_varlen_attention(api: VarlenAPI | None = None) -> Callable:
         a = api or torch_varlen()
         if isinstance(a, str):
             raise RuntimeError(f"btrm_varlen attention: {a}")
+        if kwargs.get(LAYOUT_KWARG) is not None:  # a shared-prefix row: two calls, keys gathered per branch
+            from btrm.prefix_attention import varlen_prefix_attention
+
+            def kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+                extra = {"enable_gqa": q.shape[1] != k.shape[1]} if a.gqa_flag else {}
+                return a.kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0), **extra)
+
+            return varlen_prefix_attention(query, key, value, kwargs[LAYOUT_KWARG], kernel, scaling), None
         if query.shape[0] != 1:
             raise ValueError("btrm_varlen attention expects one packed row (batch size 1)")
         t = query.shape[2]
@@ -174,17 +192,23 @@ class Backend:
     """Our attention function, registered under `hf_name` (None: transformers' own)."""
     missing: Callable[[], str | None] | None = None
     """Probe of this installation: why it cannot run here, or None."""
+    shares_prompt: str | None = None
+    """How it takes a shared-prefix row (btrm.data.prefix): "layout" (reads the `prefix_layout` keyword), "mask"
+    (an explicit dense mask) or None (it cannot: items are packed whole)."""
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("flash_attention_2", "flash_attention_2", "flash-attn's varlen kernel (CUDA, fp16/bf16, optional extra)",
             devices=("cuda",), dtypes=HALF, missing=_flash_attn_missing),
     Backend("varlen", "btrm_varlen", "torch's own varlen flash kernel (CUDA, fp16/bf16, torch >= 2.11)",
-            devices=("cuda",), dtypes=HALF, function=varlen_attention, missing=_varlen_missing),
+            devices=("cuda",), dtypes=HALF, function=varlen_attention, missing=_varlen_missing,
+            shares_prompt="layout"),
     Backend("segment", "btrm_segment", "per-segment SDPA, cost sum(s_i^2) (any device and dtype)",
-            function=segment_attention),
-    Backend("sdpa", "sdpa", "transformers' SDPA with a dense block mask from position_ids (cost T^2)"),
-    Backend("eager", "eager", "transformers' eager attention with the dense block mask (cost T^2)"),
+            function=segment_attention, shares_prompt="layout"),
+    Backend("sdpa", "sdpa", "transformers' SDPA with a dense block mask from position_ids (cost T^2)",
+            shares_prompt="mask"),
+    Backend("eager", "eager", "transformers' eager attention with the dense block mask (cost T^2)",
+            shares_prompt="mask"),
 )}
 AUTO_ORDER = ("flash_attention_2", "varlen", "segment")  # fastest first; segment runs everywhere
 CHOICES = ("auto", *BACKENDS)  # what config and CLIs accept

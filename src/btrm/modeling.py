@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from btrm.attention import SEGMENT, register_all
+from btrm.prefix_attention import prefix_rewards
 from btrm.render import render_ids
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,8 @@ def decoder_of(model):
 
 def packed_rewards(model, batch) -> torch.Tensor:
     """Rewards [n_seq] (float32) for a PackedBatch: one decoder pass over the row, head at each end index."""
+    if getattr(batch, "prefix", None) is not None:  # gpu_check passes a bare namespace with the row only
+        return prefix_rewards(model, batch.input_ids, batch.position_ids, batch.prefix)
     device = next(model.parameters()).device
     out = decoder_of(model)(
         input_ids=batch.input_ids.to(device), position_ids=batch.position_ids.to(device), attention_mask=None,

@@ -16,24 +16,17 @@ import numpy as np
 
 from btrm.config import DataConfig, SourceConfig
 from btrm.data.packing import collate_pairs, plan_step
+from btrm.data.prefix import MIN_PREFIX, common_prefix_len
 from btrm.data.sources import source_files
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # bump when tokenization or the cache layout changes (2: pairs rendering to the same ids dropped;
-# 3: written by btrm.data.pipeline: int32 ids, .npy token counts)
+CACHE_VERSION = 4  # bump when tokenization or the cache layout changes (2: pairs rendering to the same ids dropped;
+# 3: written by btrm.data.pipeline: int32 ids, .npy token counts; 4: prefix_len, the prompt a pair shares)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Over-long policy
-
-
-def common_prefix_len(a, b) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def cut_prompt_left(seqs: list[list[int]], prompt_len: int, need: int, bos_id: int | None) -> list[list[int]]:
@@ -102,15 +95,29 @@ class TokenizedPairs:
             self._chosen_len = np.asarray(self.ds["chosen_len"], dtype=np.int64)
         return self._chosen_len
 
+    @property
+    def prefix_lengths(self) -> np.ndarray:
+        """Tokens chosen and rejected share from the start (at least one left in each)."""
+        if not hasattr(self, "_prefix_len"):
+            self._prefix_len = np.asarray(self.ds["prefix_len"], dtype=np.int64)
+        return self._prefix_len
+
+    def packed_sizes(self, share: bool) -> np.ndarray:
+        """Tokens each pair takes in a packed row: chosen + rejected, less the prompt when it is packed once."""
+        if not share:
+            return self.sizes
+        p = self.prefix_lengths
+        return self.sizes - np.where(p >= MIN_PREFIX, p, 0)
+
     def seq_lengths(self, i: int) -> list[int]:
         """Token counts of item i's sequences in layout order: [chosen, rejected]."""
         c = int(self.chosen_lengths[i])
         return [c, int(self.sizes[i]) - c]
 
-    def batch(self, indices: list[int]):
-        """PackedBatch of these pairs, in this order."""
+    def batch(self, indices: list[int], share: bool = False):
+        """PackedBatch of these pairs, in this order; with `share`, each pair's prompt packed once."""
         rows = self.ds[indices] if indices else {k: [] for k in self.ds.column_names}
-        return collate_pairs(rows["chosen_ids"], rows["rejected_ids"], item_ids=list(indices),
+        return collate_pairs(rows["chosen_ids"], rows["rejected_ids"], item_ids=list(indices), share=share,
                              margins=rows["margin"], sources=rows["source"], categories=rows["category"])
 
 
@@ -197,8 +204,10 @@ class StepSampler:
         return self._order[s * self.global_batch_pairs:(s + 1) * self.global_batch_pairs].tolist()
 
 
-def rank_micro_batches(data: TokenizedPairs, pair_indices: list[int], max_tokens: int, world_size: int, rank: int):
-    """This rank's packed micro-batches for one step (every rank computes the same plan)."""
-    sizes = data.sizes[pair_indices].tolist()
+def rank_micro_batches(data: TokenizedPairs, pair_indices: list[int], max_tokens: int, world_size: int, rank: int,
+                       share: bool = False):
+    """This rank's packed micro-batches for one step (every rank computes the same plan); `sizes` are the tokens
+    each pair takes in its row (its prompt counted once under `share`)."""
+    sizes = data.packed_sizes(share)[pair_indices].tolist()
     plan = plan_step(sizes, max_tokens, world_size)
-    return [data.batch([pair_indices[i] for i in mb]) for mb in plan[rank]], plan, sizes
+    return [data.batch([pair_indices[i] for i in mb], share) for mb in plan[rank]], plan, sizes

@@ -16,6 +16,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from btrm.data.prefix import MIN_PREFIX, PrefixLayout, shared_row
+
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Bin packing
@@ -139,6 +142,10 @@ class PackedBatch:
     group of K responses would have K sequences with ranks 0..K-1. Objectives read rewards through this layout
     (`at_rank`, `best_wins`), never through positions in the row. A batch without items (the scorer's) only has
     the row.
+
+    With `prefix` set (`collate(..., share=True)`), each item's shared prompt is in the row once
+    (`btrm.data.prefix`): `cu_seqlens` then bounds the row's segments (prompts and branches), `prefix` says which
+    segment attends to which and where each sequence's reward is read.
     """
 
     input_ids: torch.Tensor  # [1, T] long
@@ -151,6 +158,7 @@ class PackedBatch:
     item_ids: list[int] = field(default_factory=list)  # dataset indices of the items
     sources: list[str] = field(default_factory=list)
     categories: list[str | None] = field(default_factory=list)
+    prefix: PrefixLayout | None = None  # shared-prefix layout, None when every sequence is packed whole
 
     @property
     def n_items(self) -> int:
@@ -159,6 +167,8 @@ class PackedBatch:
     @property
     def ends(self) -> torch.Tensor:
         """Index of each sequence's last token in the row (where its reward is read)."""
+        if self.prefix is not None:
+            return torch.tensor(self.prefix.ends, dtype=torch.long, device=self.cu_seqlens.device)
         return self.cu_seqlens[1:].long() - 1
 
     @property
@@ -199,10 +209,20 @@ def pack_sequences(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.T
 
 
 def collate(items: Sequence[Sequence[Sequence[int]]], *, ranks: Sequence[Sequence[int]] | None = None,
-            item_ids=None, margins=None, sources=None, categories=None) -> PackedBatch:
-    """Pack items (each a list of token-id sequences, best first unless `ranks` says otherwise) into one row."""
+            item_ids=None, margins=None, sources=None, categories=None, share: bool = False,
+            min_prefix: int = MIN_PREFIX) -> PackedBatch:
+    """Pack items (each a list of token-id sequences, best first unless `ranks` says otherwise) into one row.
+
+    `share`: an item's sequences that share a prompt of >= `min_prefix` tokens have it packed once
+    (`btrm.data.prefix`); rewards stay in the same order. A row where nothing is shared is a plain row.
+    """
     n = len(items)
-    input_ids, position_ids, cu, max_len = pack_sequences([s for item in items for s in item])
+    layout = None
+    if share and items:
+        input_ids, position_ids, cu, max_len, layout = shared_row(items, True, min_prefix)
+        layout = layout if layout.shared else None
+    if layout is None:
+        input_ids, position_ids, cu, max_len = pack_sequences([s for item in items for s in item])
     counts = torch.tensor([len(item) for item in items], dtype=torch.long)
     offsets = torch.zeros(n + 1, dtype=torch.long)
     offsets[1:] = torch.cumsum(counts, 0)
@@ -210,7 +230,7 @@ def collate(items: Sequence[Sequence[Sequence[int]]], *, ranks: Sequence[Sequenc
     m = torch.tensor([0.0 if v is None else float(v) for v in (margins or [None] * n)], dtype=torch.float32)
     return PackedBatch(input_ids, position_ids, cu, max_len, m, offsets, torch.tensor(rank, dtype=torch.long),
                        list(item_ids if item_ids is not None else range(n)), list(sources or ["default"] * n),
-                       list(categories or [None] * n))
+                       list(categories or [None] * n), layout)
 
 
 def collate_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]], **kwargs) -> PackedBatch:

@@ -37,6 +37,7 @@ from btrm.data.dataset import PreparedData, TokenizedPairs, cache_root, fit_pair
 from btrm.data.sources import (BadRow, DataReport, check_columns, iter_raw_rows, normalize_row, parse_row,
                                source_files, source_name)
 from btrm.errors import UserError
+from btrm.data.prefix import shared_prefix_len
 from btrm.render import render_many
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def _convert_batch(batch, sources, names, tokenizer, kwargs, max_length, max_tok
     n = len(batch["src"])
     out = {"margin": [None] * n, "source": [None] * n, "category": [None] * n, "chosen_ids": [[]] * n,
            "rejected_ids": [[]] * n, "status": [STATUS_SKIP] * n, "num_tokens": [0] * n, "chosen_len": [0] * n,
-           "heldout": [False] * n, "skip_reason": [None] * n, "skip_field": [None] * n, "skip_detail": [None] * n}
+           "prefix_len": [0] * n, "heldout": [False] * n, "skip_reason": [None] * n, "skip_field": [None] * n, "skip_detail": [None] * n}
     keep, pairs = [], []
     for i, (k, origin, raw) in enumerate(zip(batch["src"], batch["origin"], batch["raw"])):
         try:
@@ -86,6 +87,7 @@ def _convert_batch(batch, sources, names, tokenizer, kwargs, max_length, max_tok
         c2, r2 = c2 or [], r2 or []
         out["chosen_ids"][i], out["rejected_ids"][i], out["status"][i] = c2, r2, status
         out["num_tokens"][i], out["chosen_len"][i] = len(c2) + len(r2), len(c2)
+        out["prefix_len"][i] = shared_prefix_len([c2, r2]) if c2 else 0  # the prompt packed once under share_prompt
     return out
 
 
@@ -95,7 +97,7 @@ def _features():
     return Features({"src": Value("int32"), "origin": Value("string"), "margin": Value("float64"),
                      "source": Value("string"), "category": Value("string"), "chosen_ids": List(Value("int32")),
                      "rejected_ids": List(Value("int32")), "status": Value("string"), "num_tokens": Value("int64"),
-                     "chosen_len": Value("int64"), "heldout": Value("bool"), "skip_reason": Value("string"),
+                     "chosen_len": Value("int64"), "prefix_len": Value("int64"), "heldout": Value("bool"), "skip_reason": Value("string"),
                      "skip_field": Value("string"), "skip_detail": Value("string")})
 
 
@@ -245,14 +247,15 @@ def tokenized_report(ds, order: np.ndarray, report: DataReport, strict: bool) ->
 
 
 FINAL_COLUMNS = ["margin", "source", "category", "origin", "chosen_ids", "rejected_ids", "status", "num_tokens",
-                 "chosen_len"]
+                 "chosen_len", "prefix_len"]
 
 
 def write_split(ds, rows: np.ndarray, path: Path) -> int:
     """The split's rows, in order, as a datasets directory, plus its per-pair token counts as .npy files that
-    training memory-maps: `<split>_sizes.npy` (chosen + rejected) and `<split>_chosen_len.npy`, int32."""
+    training memory-maps: `<split>_sizes.npy` (chosen + rejected), `<split>_chosen_len.npy` and
+    `<split>_prefix_len.npy` (the tokens both share), int32."""
     ds.select_columns(FINAL_COLUMNS).select(rows).save_to_disk(str(path))
-    for name, column in (("sizes", "num_tokens"), ("chosen_len", "chosen_len")):
+    for name, column in (("sizes", "num_tokens"), ("chosen_len", "chosen_len"), ("prefix_len", "prefix_len")):
         np.save(path.with_name(f"{path.name}_{name}.npy"), _column(ds, column).to_numpy()[rows].astype(np.int32))
     return len(rows)
 
@@ -352,8 +355,9 @@ def load_prepared(root: Path, in_memory: bool = False):
         if not (root / name).exists():
             return None
         pairs = TokenizedPairs(load_from_disk(str(root / name), keep_in_memory=in_memory))
-        pairs._sizes, pairs._chosen_len = (np.load(root / f"{name}_{k}.npy", mmap_mode=None if in_memory else "r")
-                                           for k in ("sizes", "chosen_len"))
+        pairs._sizes, pairs._chosen_len, pairs._prefix_len = (
+            np.load(root / f"{name}_{k}.npy", mmap_mode=None if in_memory else "r")
+            for k in ("sizes", "chosen_len", "prefix_len"))
         return pairs
 
     return PreparedData(split("train"), split("eval"), json.loads((root / "report.json").read_text()))

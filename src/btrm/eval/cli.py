@@ -65,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-tokens", type=int, help="tokens packed into one forward (RewardModel default: 16384)")
     p.add_argument("--device", help="passed to RewardModel.from_pretrained (default: its own)")
     p.add_argument("--dtype", help="passed to RewardModel.from_pretrained (default: its own)")
+    p.add_argument("--no-share-prompt", action="store_true",
+                   help="encode every conversation whole (default: a prompt shared by a row's responses is encoded "
+                        "once; the scores are the same)")
     p.add_argument("--attn-implementation", choices=attention.CHOICES, help=attention.help_text())
     p.add_argument("--server", nargs="+", metavar="URL", help="score on running SGLang / vLLM / `btrm serve` servers "
                    "of the --model checkpoint, which renders and tokenizes as local scoring does (over-long "
@@ -124,6 +127,7 @@ def load_scorer(args: argparse.Namespace):
             args.model,
             # under "truncate" the model gets over-long conversations: it cuts their prompt from the left
             truncation="left" if args.over_length == "truncate" else "error",
+            share_prompt=not args.no_share_prompt,
             **{k: v for k, v in options.items() if v is not None},
         )
     print(model.length_note())
@@ -131,7 +135,14 @@ def load_scorer(args: argparse.Namespace):
     def length_fn(conversation):  # rendered exactly as RewardModel.score renders it
         return len(render_ids(model.tokenizer, conversation, model.chat_template_kwargs))
 
-    return model.score, length_fn, model.cut_length, model.max_length
+    def score_fn(conversations):
+        before = dict(model.token_counts)
+        rewards = model.score(conversations)
+        logging.getLogger("btrm.eval").info("scored %d conversations: %s", len(conversations),
+                                            model.token_report(since=before))
+        return rewards
+
+    return score_fn, length_fn, model.cut_length, model.max_length
 
 
 def _evaluate(args: argparse.Namespace, records: dict[str, list[dict]], score_fn, length_fn, cut_length_fn,

@@ -70,6 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="over-long conversations: error, or cut the prompt from the left (the last turn stays whole)")
     p.add_argument("--chat-template-kwargs", type=json.loads, default=None,
                    help='JSON, e.g. \'{"date_string": "26 Jul 2024"}\' (default: the checkpoint\'s btrm_meta.json)')
+    p.add_argument("--no-share-prompt", action="store_true",
+                   help="encode every conversation whole (default: a prompt several rows share is encoded once)")
     p.add_argument("--skip-bad", action="store_true", help="write {row, error} for bad rows instead of stopping")
     p.add_argument("--trust-remote-code", action="store_true")
     score_parallel.add_arguments(p)
@@ -304,4 +306,5 @@ def score_rows(args: argparse.Namespace, shard: Shard = Shard(), out_path: Path 
     dt = time.perf_counter() - t0
     print(f"btrm score: wrote {new_rows} rows to {out_path} in {dt:.1f}s ({new_rows / max(dt, 1e-9):.1f} rows/s)")
     print(tally.report())
+    print(f"btrm score: {rm.token_report()}")
     return 0

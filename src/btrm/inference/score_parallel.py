@@ -81,7 +81,8 @@ def load_model(args: argparse.Namespace):
     return load_in_owned_process(args.model, device=args.device, dtype=args.dtype,
                                  attn_implementation=args.attn_implementation, max_length=args.max_length,
                                  chat_template_kwargs=args.chat_template_kwargs, batch_tokens=args.batch_tokens,
-                                 truncation=args.truncation, trust_remote_code=args.trust_remote_code)
+                                 truncation=args.truncation, trust_remote_code=args.trust_remote_code,
+                                 share_prompt=not args.no_share_prompt)
 
 
 def parts_dir(output: Path) -> Path:

@@ -4,8 +4,10 @@
     rm.score([[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]])
 
 Conversations go through the trainer's render function (chat template, one leading BOS string stripped, then
-tokenized), are sorted by length and packed into token-budget rows (one decoder pass per row, position_ids
-restarting per sequence), and the reward is read at each sequence's last token. Results come back in input order.
+tokenized), are packed into token-budget rows (one decoder pass per row, position_ids restarting per sequence), and
+the reward is read at each sequence's last token. Conversations of one call that share a prompt (best-of-N, pairs)
+have it encoded once (`btrm.data.prefix`); rewards are the same as without sharing. Results come back in input
+order.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from typing import Any, Literal, Sequence
 import torch
 
 from btrm import attention, calibration, lora
-from btrm.data.dataset import common_prefix_len, cut_prompt_left
-from btrm.data.packing import PackedBatch, best_fit_decreasing, pack_sequences
+from btrm.data.dataset import cut_prompt_left
+from btrm.data.packing import best_fit_decreasing, collate
+from btrm.data.prefix import common_prefix_len, group_by_prefix, item_prefix, item_tokens
 from btrm.errors import UserError
 from btrm.modeling import check_pad_token, conversation_end_token, packed_rewards, resolve_dtype
+from btrm.prefix_attention import sharing_mode
 from btrm.render import render_ids, render_text, tokenize_texts
 
 log = logging.getLogger(__name__)
@@ -75,7 +79,7 @@ class RewardModel:
     """A loaded reward model and its tokenizer. Build with `from_pretrained`."""
 
     def __init__(self, model, tokenizer, *, max_length: int, chat_template_kwargs: dict[str, Any] | None = None,
-                 batch_tokens: int = 16384, truncation: Literal["error", "left"] = "error"):
+                 batch_tokens: int = 16384, truncation: Literal["error", "left"] = "error", share_prompt: bool = True):
         if truncation not in ("error", "left"):
             raise ValueError(f"truncation={truncation!r}: expected 'error' or 'left'")
         self.model = model.eval()
@@ -85,6 +89,10 @@ class RewardModel:
         self.batch_tokens = int(batch_tokens)
         self.truncation = truncation
         self.device = next(model.parameters()).device
+        # encode a prompt shared by several conversations of a call once (where the attention backend can)
+        self.share_prompt = bool(share_prompt) and sharing_mode(model) is not None
+        # tokens the decoder ran on vs the tokens of the sequences scored, over this object's life
+        self.token_counts = {"forward": 0, "sequences": 0}
         self.train_max_length: int | None = None  # the training run's max_length (btrm_meta.json), for display
         self.length_rule = "as given"  # where max_length came from, for display
         self.calibration: dict | None = None  # {"mean", "std", ...} for normalize=True (btrm.calibration)
@@ -95,7 +103,8 @@ class RewardModel:
                         dtype: str | torch.dtype = "auto", attn_implementation: str = "auto",
                         max_length: int | None = None, chat_template_kwargs: dict[str, Any] | None = None,
                         trust_remote_code: bool = False, batch_tokens: int = 16384,
-                        truncation: Literal["error", "left"] = "error", base: str | None = None) -> "RewardModel":
+                        truncation: Literal["error", "left"] = "error", base: str | None = None,
+                        share_prompt: bool = True) -> "RewardModel":
         """Load a one-label *ForSequenceClassification checkpoint (safetensors) and its tokenizer.
 
         chat_template_kwargs defaults to the checkpoint's `btrm_meta.json` when present; max_length to
@@ -103,6 +112,8 @@ class RewardModel:
         (`train_max_length`). attn_implementation "auto" packs without padding on any device: the fastest backend
         of btrm.attention that runs on `device` in `dtype`. A LoRA adapter directory (adapter_config.json, e.g. a
         checkpoint's `adapter/`) loads on top of `base`, by default the base its adapter config names.
+        share_prompt: encode a prompt that several conversations of one call share once (not with
+        flash_attention_2, which cannot take the layout).
         """
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -137,7 +148,8 @@ class RewardModel:
         if not isinstance(head, torch.nn.Linear) or head.out_features != 1:
             raise ValueError(f"{type(model).__name__} has no one-output `score` Linear head")
         rm = cls(model, tokenizer, max_length=max_length or usable_length(config),
-                 chat_template_kwargs=chat_template_kwargs, batch_tokens=batch_tokens, truncation=truncation)
+                 chat_template_kwargs=chat_template_kwargs, batch_tokens=batch_tokens, truncation=truncation,
+                 share_prompt=share_prompt)
         rm.train_max_length = meta.get("max_length")
         rm.calibration = calibration.load(meta, config)
         rm.name = path
@@ -242,6 +254,19 @@ class RewardModel:
         """Rewards of already-templated strings with the BOS stripped (what SGLang's /classify receives)."""
         return self.score_ids(self.encode_texts(texts), batch_tokens, progress, normalize)
 
+    def score_responses(self, prompt: Conversation, responses: Sequence[str | dict | Conversation],
+                        batch_tokens: int | None = None, progress: bool | None = None) -> list[float]:
+        """Best-of-N: rewards of several responses to one prompt (its messages), the prompt encoded once per row.
+
+        A response is the assistant's text, one message, or a list of messages that follow the prompt.
+        """
+        def turns(r) -> list[dict]:
+            if isinstance(r, str):
+                return [{"role": "assistant", "content": r}]
+            return [r] if isinstance(r, dict) else list(r)
+
+        return self.score([[*prompt, *turns(r)] for r in responses], batch_tokens, progress)
+
     def score_pairs(self, chosen: Sequence[Conversation], rejected: Sequence[Conversation],
                     batch_tokens: int | None = None, progress: bool | None = None,
                     normalize: bool = False) -> list[PairScore]:
@@ -260,7 +285,8 @@ class RewardModel:
                   progress: bool | None = None, normalize: bool = False) -> list[float]:
         """Rewards of token id lists (read at each list's last id), in input order.
 
-        Packed by best-fit decreasing into rows of at most `batch_tokens` tokens (a longer sequence gets a row of
+        Sequences sharing a prompt are grouped into items (the prompt once, then each continuation); items are
+        packed by best-fit decreasing into rows of at most `batch_tokens` tokens (a longer sequence gets a row of
         its own), one decoder pass per row.
         """
         if normalize and not self.calibration:
@@ -272,23 +298,34 @@ class RewardModel:
             if n == 0:
                 raise ValueError(f"input {i} tokenizes to nothing")
         capacity = max(batch_tokens or self.batch_tokens, max(sizes))
-        bins = best_fit_decreasing(sizes, capacity)
+        items = group_by_prefix(seqs, capacity) if self.share_prompt else [[i] for i in range(len(seqs))]
+        groups = [[seqs[i] for i in item] for item in items]
+        item_sizes = [item_tokens([len(s) for s in g], item_prefix(g)) for g in groups]
         show = len(seqs) > PROGRESS_MIN if progress is None else progress
         if show:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(seqs), desc="scoring", unit="conv")
         out = [0.0] * len(seqs)
-        for b in bins:
-            ids, pos, cu, max_len = pack_sequences([seqs[i] for i in b])
-            rewards = packed_rewards(self.model, PackedBatch(ids, pos, cu, max_len, torch.zeros(0))).tolist()
-            for i, r in zip(b, rewards):
+        for b in best_fit_decreasing(item_sizes, capacity):
+            batch = collate([groups[j] for j in b], share=self.share_prompt)  # a plain row when nothing is shared
+            rewards = packed_rewards(self.model, batch).tolist()
+            for i, r in zip((i for j in b for i in items[j]), rewards):
                 out[i] = r
+            self.token_counts["forward"] += batch.num_tokens
+            self.token_counts["sequences"] += sum(len(s) for j in b for s in groups[j])
             if show:
-                bar.update(len(b))
+                bar.update(sum(len(items[j]) for j in b))
         if show:
             bar.close()
         return self.normalize(out) if normalize else out
+
+    def token_report(self, since: dict[str, int] | None = None) -> str:
+        """Tokens the decoder ran on vs the scored sequences' own, since `since` (a copy of `token_counts`)."""
+        since = since or {}
+        fwd, seq = (self.token_counts[k] - since.get(k, 0) for k in ("forward", "sequences"))
+        return (f"decoder ran on {fwd:,} tokens for {seq:,} sequence tokens "
+                f"({1 - fwd / max(seq, 1):.1%} saved by shared prompts)")
 
     def __repr__(self) -> str:
         return (f"RewardModel({type(self.model).__name__}, device={self.device}, max_length={self.max_length}, "

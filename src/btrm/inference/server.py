@@ -368,7 +368,8 @@ def build_app(service: Service):
 
     async def health(request):
         b = service.batcher
-        return _json(200, {"status": "ok", "requests": b.requests, "rounds": b.rounds}) if b is not None else \
+        return _json(200, {"status": "ok", "requests": b.requests, "rounds": b.rounds,
+                           "tokens": dict(b.rm.token_counts) if b.rm is not None else {}}) if b is not None else \
             _json(503, {"status": "loading"})
 
     async def models(request):
@@ -499,6 +500,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-connections", type=int, default=4096,
                    help="open connections; requests on more get 503 with Retry-After")
     p.add_argument("--backlog", type=int, default=2048, help="listen backlog (connects waiting to be accepted)")
+    p.add_argument("--no-share-prompt", action="store_true",
+                   help="encode every text whole (default: a prefix several queued texts share is encoded once)")
     p.add_argument("--trust-remote-code", action="store_true")
 
 
@@ -545,7 +548,8 @@ def _load(args: argparse.Namespace, service: Service, url: str, server, failed: 
         # Texts arrive templated: the chat template (and its kwargs) is the client's business.
         rm = load_in_owned_process(args.model, device=args.device, dtype=args.dtype,
                                    attn_implementation=args.attn_implementation, max_length=args.max_length,
-                                   trust_remote_code=args.trust_remote_code, batch_tokens=args.max_batch_tokens)
+                                   trust_remote_code=args.trust_remote_code, batch_tokens=args.max_batch_tokens,
+                                   share_prompt=not args.no_share_prompt)
         if args.normalize:
             rm.normalize([])  # no stored calibration: stop with its one-line error before serving
         service.ready(rm, Batcher(rm, args.max_batch_tokens, args.normalize).start())

@@ -25,6 +25,7 @@ from btrm.errors import UserError
 from btrm.flops import model_shape, non_embedding_params, peak_flops, train_flops
 from btrm.loss import build_objective
 from btrm.modeling import enable_activation_checkpointing, load_reward_model, packed_rewards, resolve_dtype
+from btrm.prefix_attention import sharing_mode
 from btrm.train import checkpoint as ckpt
 from btrm.train.ds_config import build_ds_config
 from btrm.train.logger import build_logger
@@ -100,6 +101,10 @@ class Trainer:
             enable_activation_checkpointing(rm)
         rm.config.use_cache = False
         self.rm = rm
+        # the prompt of a pair once per row, where the attention backend can take the layout
+        self.share = cfg.data.share_prompt and sharing_mode(rm) is not None
+        if cfg.data.share_prompt and not self.share and self.is_main:
+            log.warning("data.share_prompt: attention %s cannot take a shared prompt; pairs are packed whole", attn)
         self.n_params = non_embedding_params(rm)
         self.shape = model_shape(rm.config)
         wrapper = RewardWrapper(rm)
@@ -173,7 +178,8 @@ class Trainer:
         if d.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(d.device)
         pairs = self.sampler.step_pairs(step)
-        micro, plan, sizes = rank_micro_batches(self.data.train, pairs, cfg.data.max_tokens, d.dp_size, d.dp_rank)
+        micro, plan, sizes = rank_micro_batches(self.data.train, pairs, cfg.data.max_tokens, d.dp_size, d.dp_rank,
+                                                self.share)
         # Each pair weighs 1/N of the step: sum of per-pair losses / global pair count. DeepSpeed averages the
         # gradients over data-parallel ranks, so scale by dp_size to turn its mean back into a sum.
         scale = d.dp_size / len(pairs)
@@ -189,13 +195,15 @@ class Trainer:
         metrics = self._reduce(sums)
         dt = time.perf_counter() - t0
         bins = [b for rank_bins in plan for b in rank_bins]
-        tokens = sum(sizes)
+        tokens = int(self.data.train.sizes[pairs].sum())  # the sequences' own tokens, shared prompts or not
+        # MFU counts the FLOPs of the sequences themselves, so a shared prompt raises it like a faster kernel would
         seg = [n for p in pairs for n in self.data.train.seq_lengths(p)] if self.peak else []
         metrics.update(
             lr=self.scheduler.get_last_lr()[0] if self.scheduler else cfg.optim.lr,
             grad_norm=_float(engine.get_global_grad_norm()),
             pairs_per_s=len(pairs) / dt, tokens_per_s=tokens / dt, step_time_s=dt,
             packing=packing_efficiency(bins, sizes, cfg.data.max_tokens),
+            prompt_tokens_saved=1.0 - sum(sizes) / max(tokens, 1),  # share of the tokens not run, by sharing prompts
             micro_steps=len(micro), epoch=step / self.sampler.steps_per_epoch)
         if self.peak:
             metrics["mfu"] = train_flops(self.n_params, *self.shape, seg) / dt / (self.peak * d.world_size)
@@ -231,13 +239,13 @@ class Trainer:
         if ev is None or len(ev) == 0:
             return {}
         cfg, d = self.cfg, self.dist
-        sizes = ev.sizes.tolist()
+        sizes = ev.packed_sizes(self.share).tolist()
         plan = assign_to_ranks(best_fit_decreasing(sizes, cfg.data.max_tokens), sizes, d.dp_size)
         self.engine.eval()
         sums: dict[str, float] = {}
         groups: dict[str, list[float]] = {}
         for mb in plan[d.dp_rank]:
-            batch = ev.batch(mb)
+            batch = ev.batch(mb, self.share)
             _, s, rewards = self._loss(batch)
             _add(sums, s)
             if rewards is None:
