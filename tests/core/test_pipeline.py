@@ -15,6 +15,7 @@ from btrm.config import DataConfig, SourceConfig, load_config
 from btrm.data import pipeline
 from btrm.data.dataset import cache_key, fit_pair, is_heldout, pair_hash, prepare_data
 from btrm.data.pipeline import FINAL_COLUMNS, file_lock, load_prepared, prepare_cache, sample_indices
+from btrm.data.prefix import shared_prefix_len
 from btrm.data.sources import BadRow, DataReport, load_pairs
 from btrm.modeling import ensure_pad_token
 from btrm.render import render_ids
@@ -62,7 +63,7 @@ def list_based(cfg, tok, seed):
                 rep.overlong_truncated[p.source] += 1
             rows.append({"margin": p.margin, "source": p.source, "category": p.category, "origin": p.origin,
                          "chosen_ids": c, "rejected_ids": r, "status": status, "num_tokens": len(c) + len(r),
-                         "chosen_len": len(c)})
+                         "chosen_len": len(c), "prefix_len": shared_prefix_len([c, r])})
         return rows
 
     train = tokenize(pairs, train_rep)
@@ -88,6 +89,7 @@ def assert_same(new, ref):
             assert got.ds.select_columns(FINAL_COLUMNS).to_list() == want
             assert got.sizes.tolist() == [w["num_tokens"] for w in want]
             assert got.chosen_lengths.tolist() == [w["chosen_len"] for w in want]
+            assert got.prefix_lengths.tolist() == [w["prefix_len"] for w in want]
 
 
 def test_quickstart_data_equals_the_list_based_preparation(tmp_path):
