@@ -132,4 +132,4 @@ def test_qlora_refused_on_cpu(tmp_path, tiny_llama_dir):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: model.lora.load_in_4bit (QLoRA) needs a CUDA device"), proc.stderr[-2000:]
+    assert last.startswith("train.py: error: model.lora.load_in_4bit (QLoRA) needs a CUDA device"), proc.stderr[-2000:]

@@ -263,6 +263,7 @@ def remote_reward_model(urls: Sequence[str], checkpoint, backend: str = "auto", 
             self.length_rule = "as given" if max_length else "min(max_position_embeddings, 16384)"
             self.train_max_length = meta.get("max_length")
             self.calibration, self.name = calibration.load(meta, config), str(checkpoint)  # for normalize=True
+            self.token_counts = {"forward": 0, "sequences": 0}  # the servers' forwards are not ours to count
             self.truncation, self.batch_tokens = "error", 0
             self.device = torch.device("cpu")  # the client only renders and tokenizes
             chosen = backend if backend != "auto" else detect_backend(list(urls)[0])
@@ -286,6 +287,9 @@ def remote_reward_model(urls: Sequence[str], checkpoint, backend: str = "auto", 
                 self.normalize([])  # fail before any request
             rewards = self.scorer.score_texts([s.text for s in seqs], progress)
             return self.normalize(rewards) if normalize else rewards
+
+        def token_report(self, since=None) -> str:
+            return "forward passes ran on the servers (their token counts are theirs)"
 
         def length_note(self) -> str:
             return f"{super().length_note()}; scored by {len(self.scorer.urls)} {self.scorer.backend} server(s)"
