@@ -18,9 +18,10 @@ def test_tokenizing_longer_than_the_collective_timeout(tmp_path, tiny_llama_dir)
     model = tmp_path / "slow-template"
     shutil.copytree(tiny_llama_dir, model)
     template = model / "chat_template.jinja"
-    # ~0.3 s per rendered conversation: tokenizing 64 pairs takes a few times the 10 s collective timeout (a tighter
+    # 7.5M empty loop turns per rendered conversation: tokenizing 64 pairs took ~24 s on an idle 2-core machine, a
+    # few times the 10 s collective timeout (a third of that once finished in 8 s, under the timeout; a tighter
     # timeout can fail a training step's collective when the shared machine stalls one rank)
-    template.write_text("{%- for _ in range(2500) %}{%- for _ in range(1000) %}{%- endfor %}{%- endfor %}"
+    template.write_text("{%- for _ in range(7500) %}{%- for _ in range(1000) %}{%- endfor %}{%- endfor %}"
                         + template.read_text())
     data = write_preference_jsonl(tmp_path / "d.jsonl", 64)
     config = write_config(tmp_path, model, data, train={"max_steps": 2, "global_batch_pairs": 8},

@@ -348,6 +348,7 @@ def run(cfg: Config, on_done: Callable[[Path | None], None] | None = None) -> Pa
         path = trainer.train()
     finally:
         trainer.close()
+    trainer.dist.shutdown()  # only after a finished run: a rank that failed must not wait in a barrier
     if trainer.is_main and on_done is not None:
         on_done(path)
     return path
