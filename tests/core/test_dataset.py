@@ -1,21 +1,10 @@
 import json
 
-import pytest
-from transformers import AutoTokenizer
-
 from btrm.config import DataConfig, SourceConfig
 from btrm.data import pipeline
 from btrm.data.dataset import StepSampler, fit_pair, prepare_data
-from btrm.modeling import ensure_pad_token
 from btrm.render import render_ids
 from btrm.tiny import write_preference_jsonl
-
-
-@pytest.fixture
-def tok(tiny_llama_dir):
-    t = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    ensure_pad_token(t)
-    return t
 
 
 def test_tokenized_pairs_match_render_and_cache_is_reused(tmp_path, tok, monkeypatch):

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from btrm.data.packing import collate_pairs
 from btrm.loss import bt_loss
 from btrm.attention import SEGMENT
-from btrm.modeling import ensure_pad_token, load_reward_model, packed_rewards
+from btrm.modeling import packed_rewards
 from btrm.render import render_ids
 
 WORDS = "the cat sat on a warm mat while rain fell over quiet hills and rivers".split()
@@ -21,17 +20,6 @@ def conversations(n, seed=0):
         out.append([{"role": "user", "content": " ".join(WORDS[i % len(WORDS)] for i in range(k1))},
                     {"role": "assistant", "content": " ".join(WORDS[(3 * i) % len(WORDS)] for i in range(k2))}])
     return out
-
-
-@pytest.fixture(params=["llama", "qwen3"])
-def models(request, tiny_llama_dir, tiny_qwen3_dir):
-    path = str(tiny_llama_dir if request.param == "llama" else tiny_qwen3_dir)
-    tok = AutoTokenizer.from_pretrained(path)
-    ensure_pad_token(tok)
-    ours = load_reward_model(path, tok, attn_implementation=SEGMENT, seed=3, head_init_std=1.0)  # O(1) rewards
-    ref = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, pad_token_id=tok.pad_token_id)
-    ref.load_state_dict(ours.state_dict())
-    return tok, ours, ref
 
 
 def reference_rewards(ref, ids):

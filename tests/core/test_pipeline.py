@@ -24,13 +24,6 @@ from btrm.tiny import write_preference_jsonl
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def tok(tiny_llama_dir):
-    t = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    ensure_pad_token(t)
-    return t
-
-
 def list_based(cfg, tok, seed):
     """The list-based preparation the pipeline replaced, kept as the reference: `load_pairs` (every pair a Python
     object, weights applied to the lists), the hash split, one render per conversation, `fit_pair`, and every count

@@ -8,13 +8,12 @@ j <= i + seqlen_k - seqlen_q: aligned bottom-right).
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from btrm import attention
 from btrm.data.packing import collate
 from btrm.loss import bt_loss
 from btrm.attention import SEGMENT, VARLEN
-from btrm.modeling import ensure_pad_token, load_reward_model, packed_rewards
+from btrm.modeling import packed_rewards
 from btrm.render import render_ids
 
 
@@ -86,17 +85,6 @@ def varlen_attn_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, ret
 
 BACKENDS = {"segment": (SEGMENT, None), "sdpa": ("sdpa", None), "eager": ("eager", None),
             "varlen-2.11": (VARLEN, varlen_attn_2_11), "varlen-2.13": (VARLEN, varlen_attn_2_13)}
-
-
-@pytest.fixture(params=["llama", "qwen3"])
-def models(request, tiny_llama_dir, tiny_qwen3_dir):
-    path = str(tiny_llama_dir if request.param == "llama" else tiny_qwen3_dir)
-    tok = AutoTokenizer.from_pretrained(path)
-    ensure_pad_token(tok)
-    ours = load_reward_model(path, tok, attn_implementation=SEGMENT, seed=3, head_init_std=1.0)  # O(1) rewards
-    ref = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, pad_token_id=tok.pad_token_id)
-    ref.load_state_dict(ours.state_dict())
-    return tok, ours, ref
 
 
 def _set_backend(model, name, monkeypatch):
