@@ -36,11 +36,15 @@ def probe(mode, **env):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator")
 def test_retained_memory_is_reused_without_page_faults():
-    default, retained = probe("default"), probe("retain")
-    # glibc's default maps each large block afresh and faults its pages in: 5 steps x 12 x 16 MiB ~ 60K pages
-    assert default["faults"] > 30_000, default
+    # Control: a fixed mmap threshold makes glibc map every 16 MiB block afresh and fault all its pages in
+    # (5 steps x 12 blocks x 4096 pages = 245,760). glibc's own dynamic threshold makes the plain default vary
+    # from run to run (8K to 245K faults measured on one machine), so the control pins it.
+    control = probe("default", MALLOC_MMAP_THRESHOLD_="131072")
+    assert control["faults"] > 200_000, control
+    retained = probe("retain")
     assert retained["applied"] is True
-    assert retained["faults"] * 5 < default["faults"], (retained, default)  # blocks come back from the heap
+    # Blocks come back from the heap; at most a heap growth or two (2 blocks = 8K faults seen) in steady state.
+    assert retained["faults"] < 20_000, (retained, control)
 
 
 def test_user_malloc_settings_are_left_alone():
