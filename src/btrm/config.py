@@ -177,6 +177,9 @@ class TrainConfig:
     score-head init."""
     loss: LossConfig = field(default_factory=LossConfig)
     """The objective and its options."""
+    sequence_parallel_size: int = 1
+    """Ranks that split one packed row along the sequence (Ulysses); the world is split into world / SP
+    data-parallel groups."""
 
 
 @dataclass
@@ -238,6 +241,9 @@ class Config:
         checks = [
             ("model.name_or_path", bool(self.model.name_or_path), "must be set"),
             ("train.global_batch_pairs", self.train.global_batch_pairs > 0, "must be > 0"),
+            ("train.sequence_parallel_size", self.train.sequence_parallel_size >= 1, "must be >= 1"),
+            ("train.sequence_parallel_size", self.train.sequence_parallel_size == 1,
+             "> 1 is not built yet (issue 14)"),
             ("optim.lr", self.optim.lr >= 0, "must be >= 0"),
             ("data.max_length", self.data.max_length > 1, "must be > 1"),
             ("data.max_tokens", self.data.max_tokens >= 2, "must be >= 2"),
