@@ -11,7 +11,8 @@
    Only parameters are cast to bf16 (the rotary inv_freq stays fp32, as in training), which keeps that floor low
    enough to catch layout bugs; the tolerance is printed with its floor. A self-test proves it: two broken
    layouts (positions not restarting per sequence; each reward read one token early) must FAIL and the correct
-   one pass, or the check as a whole fails.
+   one pass, or the check as a whole fails. The same pairs share a prompt (half the shorter side); they are also
+   packed with each prompt once (`data.share_prompt`, btrm.data.prefix) and checked the same way per backend.
 2. Throughput: Qwen3-0.6B- and Qwen3-1.7B-shaped random-init models, bf16 weights, fused AdamW, 16,384-token packs
    of long-tailed (lognormal) pairs; forward + backward + optimizer step; packed with and without gradient
    checkpointing, plus a padded baseline over the same pairs (pad-to-longest micro-batches of consecutive pairs
@@ -172,10 +173,15 @@ def broken_layouts(batch) -> dict:
     }
 
 
-def check_correctness(device, shape: dict, lengths: list[int], seed: int = 0) -> tuple[dict, list[dict], list[dict]]:
-    """(tolerance, per-backend rows, self-test rows). Packed bf16 vs unpacked bf16, both against the fp32 truth."""
+def check_correctness(device, shape: dict, lengths: list[int],
+                      seed: int = 0) -> tuple[dict, list[dict], list[dict], list[dict]]:
+    """(tolerance, per-backend rows, self-test rows, per-backend rows with shared prompts). Packed bf16 vs unpacked
+    bf16, both against the fp32 truth."""
     rng = np.random.default_rng(seed)
     seqs = [rng.integers(1, shape["vocab_size"], size=n).tolist() for n in lengths]
+    for c, r in zip(seqs[0::2], seqs[1::2]):  # each pair shares a prompt: half its shorter sequence
+        p = min(len(c), len(r)) // 2
+        r[:p] = c[:p]
     batch = collate_pairs(seqs[0::2], seqs[1::2])
     # fp32 truth and the unpacked bf16 reference (same weights: the bf16 model is the fp32 one, parameters cast)
     model = build_model(shape, device, torch.float32, "sdpa", seed)
@@ -195,16 +201,22 @@ def check_correctness(device, shape: dict, lengths: list[int], seed: int = 0) ->
         return {"status": "pass" if d_r <= tol["tol_abs"] and d_g <= tol["tol_grad_rel"] else "FAIL",
                 "max_abs_diff": d_r, "grad_rel_diff": d_g, "packed_vs_fp32_max_abs": float((rp - r32).abs().max())}
 
-    rows = []
-    for backend, why_not in available_backends(device, torch.bfloat16).items():
-        row = {"backend": backend, "segments": len(lengths), "tokens": sum(lengths)}
-        if why_not:
-            rows.append({**row, "status": "skipped", "reason": why_not})
-            continue
-        try:
-            rows.append({**row, **compare(backend, batch)})
-        except Exception as e:  # a backend that breaks is a finding, not a crash
-            rows.append({**row, "status": "error", "reason": f"{type(e).__name__}: {e}"[:500]})
+    def per_backend(packed):
+        rows = []
+        for backend, why_not in available_backends(device, torch.bfloat16).items():
+            row = {"backend": backend, "segments": len(lengths), "tokens": packed.num_tokens}
+            if why_not:
+                rows.append({**row, "status": "skipped", "reason": why_not})
+                continue
+            try:
+                rows.append({**row, **compare(backend, packed)})
+            except Exception as e:  # a backend that breaks is a finding, not a crash
+                rows.append({**row, "status": "error", "reason": f"{type(e).__name__}: {e}"[:500]})
+        return rows
+
+    rows = per_backend(batch)
+    # shared prompts: every pair's prompt in the row once, each response attending to it (fewer tokens)
+    shared = per_backend(collate_pairs(seqs[0::2], seqs[1::2], share=True, min_prefix=1))
     # self-test: the check must catch the layout bugs. sdpa derives its block mask from position_ids, so positions
     # that do not restart let every sequence attend to the ones before it.
     self_test = []
@@ -215,7 +227,7 @@ def check_correctness(device, shape: dict, lengths: list[int], seed: int = 0) ->
                           "ok": r["status"] == expect})
     model = None  # noqa: F841  (freed before the throughput runs)
     free_memory(device)
-    return tol, rows, self_test
+    return tol, rows, self_test, shared
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -340,12 +352,13 @@ def tolerance_line(tol: dict) -> str:
 def table(result: dict) -> str:
     lines = [tolerance_line(result["tolerance"]), "",
              "| backend | layout | segments / tokens | max abs diff | grad rel diff | status |", "|---|---|---|---|---|---|"]
-    for r in result["correctness"]:
-        if r["status"] in ("pass", "FAIL"):
-            lines.append(f"| {r['backend']} | packed | {r['segments']} / {r['tokens']} | {r['max_abs_diff']:.2e} | "
-                         f"{r['grad_rel_diff']:.2e} | {r['status']} |")
-        else:
-            lines.append(f"| {r['backend']} | packed | | | | {r['status']}: {r.get('reason', '')} |")
+    for layout, key in (("packed", "correctness"), ("shared prompt", "shared_prompt")):
+        for r in result[key]:
+            if r["status"] in ("pass", "FAIL"):
+                lines.append(f"| {r['backend']} | {layout} | {r['segments']} / {r['tokens']} | "
+                             f"{r['max_abs_diff']:.2e} | {r['grad_rel_diff']:.2e} | {r['status']} |")
+            else:
+                lines.append(f"| {r['backend']} | {layout} | | | | {r['status']}: {r.get('reason', '')} |")
     for r in result["self_test"]:
         lines.append(f"| {r['backend']} | self-test: {r['layout']} | | {r['max_abs_diff']:.2e} | "
                      f"{r['grad_rel_diff']:.2e} | {r['status']} (expected {r['expected']}) |")
@@ -413,17 +426,17 @@ def main() -> None:
                      "packs_per_step": args.packs_per_step, "shapes": shapes, "check_shape": check_shape,
                      "throughput_dtype": str(args.dtype),
                      "check_dtype": "bf16 (fp32 reference)", "optimizer": "AdamW (fused on CUDA)"},
-        "tolerance": None, "correctness": [], "self_test": [], "throughput": [],
+        "tolerance": None, "correctness": [], "self_test": [], "shared_prompt": [], "throughput": [],
     }
     path = out / "gpu_check.json"
 
     def save():
         path.write_text(json.dumps(result, indent=1))
 
-    result["tolerance"], result["correctness"], result["self_test"] = check_correctness(
+    result["tolerance"], result["correctness"], result["self_test"], result["shared_prompt"] = check_correctness(
         device, check_shape, check_lengths, args.seed)
     print(tolerance_line(result["tolerance"]), flush=True)
-    for r in result["correctness"] + result["self_test"]:
+    for r in result["correctness"] + result["self_test"] + result["shared_prompt"]:
         print(json.dumps(r), flush=True)
     print(f"correctness checked in {time.perf_counter() - START:.0f}s", flush=True)
     save()
@@ -433,7 +446,7 @@ def main() -> None:
     # passed = every backend that ran agrees, and the check itself caught both broken layouts
     result["self_test_passed"] = all(r["ok"] for r in result["self_test"])
     result["correctness_passed"] = result["self_test_passed"] and all(
-        r["status"] in ("pass", "skipped") for r in result["correctness"]) and any(
+        r["status"] in ("pass", "skipped") for r in result["correctness"] + result["shared_prompt"]) and any(
         r["status"] == "pass" for r in result["correctness"])
     result["best_packed_mfu"] = {
         name: max((r["mfu"] for r in result["throughput"] if r["model"] == name and r["mode"] == "packed"

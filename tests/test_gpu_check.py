@@ -54,6 +54,14 @@ def test_gpu_check_dry_run(tmp_path):
         assert r["status"] == "pass", r
         assert r["max_abs_diff"] <= tol["tol_abs"] and r["grad_rel_diff"] <= tol["tol_grad_rel"]
     assert by_backend["btrm_varlen"]["status"] == "skipped"
+    shared = {r["backend"]: r for r in res["shared_prompt"]}  # each pair's prompt packed once: fewer tokens, same bar
+    assert shared.keys() == by_backend.keys()
+    for name in ("sdpa", "btrm_segment"):
+        r = shared[name]
+        assert r["status"] == "pass", r
+        assert r["max_abs_diff"] <= tol["tol_abs"] and r["grad_rel_diff"] <= tol["tol_grad_rel"]
+        assert r["tokens"] < by_backend[name]["tokens"]
+    assert "| btrm_segment | shared prompt |" in proc.stdout
     # the self-test: both broken layouts FAIL the same check that the correct layout passes
     verdicts = {r["layout"]: r["status"] for r in res["self_test"]}
     assert verdicts == {"correct": "pass", "positions_not_restarting": "FAIL", "reward_one_token_early": "FAIL"}

@@ -16,8 +16,9 @@ one line naming it and why the faster ones were passed over. `varlen_attn`'s sig
 releases, so it is probed once (`probe_varlen`) and called the way this torch accepts (`varlen_attention`).
 
 Rows where an item's prompt is packed once (`btrm.data.prefix`) carry their layout as the `prefix_layout`
-keyword: segment and varlen read it (`btrm.prefix_attention`), sdpa and eager get an explicit mask, and
-flash_attention_2 (transformers' own function) cannot take such rows (`Backend.shares_prompt`).
+keyword: segment, varlen and flash_attention_2 read it (`btrm.prefix_attention`), sdpa and eager get an explicit
+mask (`Backend.shares_prompt`). For flash_attention_2 we register `flash_attention` under transformers' own name:
+rows without a layout go to transformers' function unchanged, rows with one to flash-attn's varlen kernel.
 
 Adding a backend: write its function here, add a `Backend` row to `BACKENDS`, and test it in
 tests/core/test_attention.py.
@@ -149,26 +150,87 @@ def make_varlen_attention(api: VarlenAPI | None = None) -> Callable:
 varlen_attention = make_varlen_attention()
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# flash-attn's varlen kernel, for shared-prefix rows under flash_attention_2
+
+
+def probe_flash(kernel: Callable | None = None) -> Callable | str:
+    """`kernel` (default: flash-attn's `flash_attn_varlen_func`), or why it cannot serve shared-prefix rows. We pass
+    only what every flash-attn 2 release takes (q, k, v, cu_seqlens_q/k, max_seqlen_q/k, dropout_p, softmax_scale,
+    causal: 2.0 through 2.8); window_size, deterministic, softcap and block_table came later."""
+    if kernel is None:
+        try:
+            from flash_attn import flash_attn_varlen_func as kernel
+        except ImportError as e:
+            return f"flash-attn cannot be imported ({e})"
+    missing = [p for p in ("dropout_p", "softmax_scale", "causal") if p not in inspect.signature(kernel).parameters]
+    if missing:
+        return f"flash_attn_varlen_func has no {', '.join(missing)}"
+    return kernel
+
+
+@functools.cache
+def flash_varlen() -> Callable | str:
+    """The installed flash-attn's varlen kernel, probed once per process."""
+    return probe_flash()
+
+
+def flash_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' flash_attention_2 function, which rows with a `prefix_layout` bypass: their two varlen calls
+    (btrm.prefix_attention) run on `flash_attn_varlen_func`, whose causal mask aligns bottom-right when a sequence
+    has fewer queries than keys (flash-attn >= 2.1; `_flash_attn_missing` asks for 2.3.3)."""
+    from transformers.integrations.flash_attention import flash_attention_forward, get_target_dtype
+
+    layout = kwargs.pop(LAYOUT_KWARG, None)
+    if layout is None:
+        return flash_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                       **kwargs)
+    from btrm.prefix_attention import varlen_prefix_attention
+
+    fn = flash_varlen()
+    if isinstance(fn, str):
+        raise RuntimeError(f"flash_attention_2 attention: {fn}")
+    target = get_target_dtype(query, module)  # as transformers does: fp32 activations (e.g. PEFT) -> half
+    if target is not None:
+        query, key, value = (x.to(target) for x in (query, key, value))
+    p = dropout if module.training else 0.0
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+        return fn(q, k, v, cu_q, cu_k, int(max_q), int(max_k), dropout_p=p, softmax_scale=scale, causal=True)
+
+    return varlen_prefix_attention(query, key, value, layout, kernel, scaling), None
+
+
 def _no_mask(*args, **kwargs):
     return None  # boundaries travel as cu_seq_lens_q; no dense mask is built
 
 
 def register(hf_name: str, function: Callable) -> None:
-    """Make `function` a transformers attention implementation that reads cu_seq_lens (no dense mask)."""
+    """Make `function` a transformers attention implementation that reads cu_seq_lens (no dense mask). A name
+    transformers already has (flash_attention_2) keeps its own mask function, which padded batches need."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     AttentionInterface.register(hf_name, function)
-    AttentionMaskInterface.register(hf_name, _no_mask)
+    if hf_name not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionMaskInterface.register(hf_name, _no_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The table
 
 
+FLASH_ATTN_FLOOR = "2.3.3"  # transformers' own floor for flash_attention_2; the causal mask is bottom-right since 2.1
+
+
 def _flash_attn_missing() -> str | None:
-    return None if importlib.util.find_spec("flash_attn") is not None else \
-        "flash-attn not installed (pip install 'btrm[flash]')"
+    from transformers.utils import is_flash_attn_greater_or_equal
+
+    if importlib.util.find_spec("flash_attn") is None:
+        return "flash-attn not installed (pip install 'btrm[flash]')"
+    if not is_flash_attn_greater_or_equal(FLASH_ATTN_FLOOR):
+        return f"flash-attn older than {FLASH_ATTN_FLOOR} (or not the flash-attn distribution)"
+    return None
 
 
 def _varlen_missing() -> str | None:
@@ -193,13 +255,14 @@ class Backend:
     missing: Callable[[], str | None] | None = None
     """Probe of this installation: why it cannot run here, or None."""
     shares_prompt: str | None = None
-    """How it takes a shared-prefix row (btrm.data.prefix): "layout" (reads the `prefix_layout` keyword), "mask"
-    (an explicit dense mask) or None (it cannot: items are packed whole)."""
+    """How it takes a shared-prefix row (btrm.data.prefix): "layout" (reads the `prefix_layout` keyword) or "mask"
+    (an explicit dense mask). An implementation outside this table cannot (`prefix_attention.sharing_mode`)."""
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("flash_attention_2", "flash_attention_2", "flash-attn's varlen kernel (CUDA, fp16/bf16, optional extra)",
-            devices=("cuda",), dtypes=HALF, missing=_flash_attn_missing),
+            devices=("cuda",), dtypes=HALF, function=flash_attention, missing=_flash_attn_missing,
+            shares_prompt="layout"),
     Backend("varlen", "btrm_varlen", "torch's own varlen flash kernel (CUDA, fp16/bf16, torch >= 2.11)",
             devices=("cuda",), dtypes=HALF, function=varlen_attention, missing=_varlen_missing,
             shares_prompt="layout"),

@@ -7,12 +7,14 @@ interface. Backends:
 - segment (any device): per root, causal SDPA; per branch, Bi's queries over [P; Bi]'s keys with a
   bottom-right-aligned causal mask. On CPU that is two flash calls (all of P; causal Bi) merged by log-sum-exp,
   which skips the masked half of Bi x Bi; elsewhere one masked SDPA call.
-- varlen kernels (CUDA): one varlen call over the roots, one over the branches with keys/values gathered as
+- varlen kernels (CUDA; torch's `varlen_attn` under varlen, flash-attn's `flash_attn_varlen_func` under
+  flash_attention_2): one varlen call over the roots, one over the branches with keys/values gathered as
   [P; Bi] per branch. The kernel's causal mask must align bottom-right when a sequence has fewer queries than keys;
   the flash kernel behind torch's `varlen_attn` does (its mask admits key j for query i iff
   j <= i + seqlen_k - seqlen_q, per sequence: aten/src/ATen/native/transformers/cuda/flash_attn/mask.h, and
-  flash_api.cpp turns causal off when max_seqlen_q is 1, which is only equivalent bottom-right). Gradients
-  reach P through the gather.
+  flash_api.cpp turns causal off when max_seqlen_q is 1, which is only equivalent bottom-right), and so does
+  flash-attn from 2.1 on (its `flash_attn_varlen_func` docstring; 2.0 aligned top-left). Gradients reach P
+  through the gather.
 - sdpa / eager (reference): transformers' own functions with an explicit additive mask.
 """
 
@@ -23,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from btrm.attention import LAYOUT_KWARG
+from btrm.attention import BACKENDS, LAYOUT_KWARG
 from btrm.data.prefix import PrefixLayout
 
 
@@ -113,8 +115,6 @@ def varlen_prefix_attention(query, key, value, layout: PrefixLayout, kernel: Var
 def sharing_mode(model) -> str | None:
     """How `model`'s attention takes a shared-prefix row, from btrm.attention's table: "layout", "mask" or None
     (any other function would silently attend across branches)."""
-    from btrm.attention import BACKENDS
-
     impl = model.config._attn_implementation
     return next((b.shares_prompt for b in BACKENDS.values() if b.hf_name == impl), None)
 
@@ -127,7 +127,7 @@ def prefix_rewards(model, input_ids: torch.Tensor, position_ids: torch.Tensor, l
     mode = sharing_mode(model)
     if mode is None:
         raise ValueError(f"attention implementation {model.config._attn_implementation!r} cannot share prompts; "
-                         "use segment, varlen, sdpa or eager, or turn prompt sharing off")
+                         f"use one of {', '.join(BACKENDS)}, or turn prompt sharing off")
     kwargs = ({"attention_mask": layout.dense_mask(model.dtype, device)} if mode == "mask" else
               {"attention_mask": None, LAYOUT_KWARG: layout})
     out = decoder_of(model)(input_ids=input_ids.to(device), position_ids=position_ids.to(device), use_cache=False,

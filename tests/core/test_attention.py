@@ -211,6 +211,23 @@ def test_explicit_backend_that_cannot_run_says_why():
     assert attention.select("sdpa", "cuda", torch.float32) == "sdpa"
 
 
+def test_flash_attn_older_than_transformers_floor_is_passed_over(monkeypatch):
+    """flash-attn 2.0 aligned the causal mask top-left (shared-prefix rows need bottom-right, 2.1+); transformers
+    5 takes flash_attention_2 only from 2.3.3 on. An installed older one is a reason, not a crash at load."""
+    import importlib.util
+
+    import transformers.utils
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    for installed, expect in (("2.0.9", "older than 2.3.3"), ("2.8.3", None)):
+        monkeypatch.setattr(transformers.utils, "is_flash_attn_greater_or_equal",
+                            lambda v, i=installed: tuple(map(int, i.split("."))) >= tuple(map(int, v.split("."))))
+        reason = attention.why_not(attention.BACKENDS["flash_attention_2"], "cuda", torch.bfloat16)
+        assert (reason is None) if expect is None else (expect in reason), (installed, reason)
+
+
 def test_config_and_clis_read_the_table():
     import argparse
     import typing

@@ -1,8 +1,9 @@
 """Shared-prefix rows == transformers' own per-sequence forward: rewards and BT-loss gradients, every backend.
 
 The varlen backend runs on CPU against stand-ins of torch's `varlen_attn` with the 2.11 and 2.13 signatures and
-argument checks; their causal mask is the flash kernel's (per sequence, key j is visible to query i iff
-j <= i + seqlen_k - seqlen_q: aligned bottom-right).
+argument checks, flash_attention_2 against stand-ins of flash-attn's `flash_attn_varlen_func` with the 2.1 and 2.8
+signatures; their causal mask is the flash kernel's (per sequence, key j is visible to query i iff
+j <= i + seqlen_k - seqlen_q: aligned bottom-right, flash-attn's rule since 2.1).
 """
 
 import pytest
@@ -51,13 +52,17 @@ ROWS = [
 
 def _standin(query, key, value, cu_q, cu_k, max_q, max_k, scale, window_size):
     """Per-sequence SDPA with the flash kernel's bottom-right causal mask, after the kernel's argument checks."""
+    assert isinstance(window_size, tuple) and window_size == (-1, 0), "causal is window_size == (-1, 0), a tuple"
+    return _causal_varlen(query, key, value, cu_q, cu_k, max_q, max_k, scale)
+
+
+def _causal_varlen(query, key, value, cu_q, cu_k, max_q, max_k, scale):
     assert query.dim() == key.dim() == value.dim() == 3, "varlen takes [T, H, D]"
     for x in (query, key, value):
         assert x.stride(-1) == 1, "last dim must be contiguous"
     for cu in (cu_q, cu_k):
         assert cu.dtype == torch.int32 and cu.is_contiguous() and cu.dim() == 1
     assert cu_q.numel() == cu_k.numel()
-    assert isinstance(window_size, tuple) and window_size == (-1, 0), "causal is window_size == (-1, 0), a tuple"
     lq, lk = (cu_q[1:] - cu_q[:-1]).tolist(), (cu_k[1:] - cu_k[:-1]).tolist()
     assert max_q >= max(lq) and max_k >= max(lk)
     assert query.shape[1] % key.shape[1] == 0
@@ -83,12 +88,40 @@ def varlen_attn_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, ret
     return _standin(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size)
 
 
+def _flash_standin(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                   causal, return_attn_probs):
+    """flash_attn_varlen_func after its checks: int max lengths (its op schema), causal flag, no dropout here."""
+    assert isinstance(max_seqlen_q, int) and isinstance(max_seqlen_k, int), "max_seqlen_q/k are ints"
+    assert causal is True and dropout_p == 0.0 and not return_attn_probs
+    return _causal_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
+
+
+def flash_attn_varlen_func_2_1(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                               softmax_scale=None, causal=False, return_attn_probs=False):
+    return _flash_standin(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                          causal, return_attn_probs)
+
+
+def flash_attn_varlen_func_2_8(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                               softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                               deterministic=False, return_attn_probs=False, block_table=None):
+    assert window_size == (-1, -1) and softcap == 0.0 and alibi_slopes is None and block_table is None
+    return _flash_standin(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                          causal, return_attn_probs)
+
+
+FLASH = "flash_attention_2"
 BACKENDS = {"segment": (SEGMENT, None), "sdpa": ("sdpa", None), "eager": ("eager", None),
-            "varlen-2.11": (VARLEN, varlen_attn_2_11), "varlen-2.13": (VARLEN, varlen_attn_2_13)}
+            "varlen-2.11": (VARLEN, varlen_attn_2_11), "varlen-2.13": (VARLEN, varlen_attn_2_13),
+            "flash-2.1": (FLASH, flash_attn_varlen_func_2_1), "flash-2.8": (FLASH, flash_attn_varlen_func_2_8)}
 
 
 def _set_backend(model, name, monkeypatch):
     impl, standin = BACKENDS[name]
+    if impl == FLASH:  # our flash_attention_2 function calls the kernel the probe of flash-attn returns
+        monkeypatch.setattr(attention, "flash_varlen", lambda: attention.probe_flash(standin))
+        model.config._attn_implementation = FLASH  # set_attn_implementation would look for flash-attn and CUDA
+        return
     if standin is not None:  # btrm_varlen calls the kernel the probe of this torch returns
         monkeypatch.setattr(attention, "torch_varlen", lambda: attention.probe_varlen(standin))
     model.set_attn_implementation(impl)
@@ -124,14 +157,15 @@ def test_shared_rewards_and_gradients_match_hf(models, backend, monkeypatch):
         assert ((g - gr).norm() / gr.norm().clamp_min(1e-12)).item() <= 1e-5, name
 
 
-@pytest.mark.parametrize("backend", ["segment", "varlen-2.13"])
+@pytest.mark.parametrize("backend", ["segment", "varlen-2.13", "flash-2.8"])
 def test_shared_equals_unshared_row(models, backend, monkeypatch):
-    """Same rows packed with and without sharing: the same rewards and gradients, with fewer tokens."""
+    """Same rows packed with and without sharing: the same rewards and gradients, with fewer tokens. Unshared
+    flash_attention_2 rows are transformers' own flash function (CUDA only): segment stands in for them."""
     tok, ours, _ = models
-    _set_backend(ours, backend, monkeypatch)
     rows = _rows(tok)
     grads, rewards = [], []
     for share in (True, False):
+        _set_backend(ours, backend if share or not backend.startswith("flash") else "segment", monkeypatch)
         ours.zero_grad()
         r = torch.cat([packed_rewards(ours, collate(row, share=share, min_prefix=1)) for row in rows])
         bt_loss(r[0::2], r[1::2])[0].backward()
@@ -144,9 +178,25 @@ def test_shared_equals_unshared_row(models, backend, monkeypatch):
 
 def test_unaware_backend_refuses_shared_rows(models):
     tok, ours, _ = models
-    ours.config._attn_implementation = "flash_attention_2"  # would attend across branches: must raise, not run
+    ours.config._attn_implementation = "flex_attention"  # would attend across branches: must raise, not run
     with pytest.raises(ValueError, match="cannot share prompts"):
         packed_rewards(ours, collate(_rows(tok)[0], share=True, min_prefix=1))
+
+
+def test_flash_probe_and_unshared_rows_go_to_transformers(monkeypatch):
+    """The probe refuses a kernel without the keywords we pass; rows without a layout reach transformers' own
+    flash_attention_2 function untouched (a recorder stands in for it)."""
+    from transformers.integrations import flash_attention as hf_flash
+
+    assert attention.probe_flash(flash_attn_varlen_func_2_1) is flash_attn_varlen_func_2_1
+    assert "no softmax_scale, causal" in attention.probe_flash(lambda q, k, v, cu_q, cu_k, mq, mk, dropout_p=0.0: q)
+    seen = {}
+    monkeypatch.setattr(hf_flash, "flash_attention_forward", lambda *a, **k: seen.update(args=a, kwargs=k))
+    q = torch.zeros(1, 2, 3, 4)
+    attention.flash_attention(None, q, q, q, None, scaling=0.5, dropout=0.0, sliding_window=None,
+                              cu_seq_lens_q="cu", prefix_layout=None)
+    assert seen["args"][1] is q and seen["kwargs"] == {"scaling": 0.5, "dropout": 0.0, "sliding_window": None,
+                                                       "cu_seq_lens_q": "cu"}
 
 
 @pytest.mark.parametrize("p,b", [(7, 1), (3, 9), (16, 16)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from pathlib import Path
@@ -93,6 +94,34 @@ def test_eval_harness_same_with_sharing_off(rm_dirs):
     assert {k: v for k, v in a.items() if k not in ("overall", "subsets")} == \
         {k: v for k, v in b.items() if k not in ("overall", "subsets")}
     assert models[0].token_counts["forward"] < models[1].token_counts["forward"] == models[1].token_counts["sequences"]
+
+
+def test_btrm_eval_same_with_sharing_off_and_logs_fewer_tokens(rm_dirs, tmp_path, caplog):
+    """`btrm eval` on RewardBench 2 best-of-4 rows: identical per-row scores and results, and the token counts its
+    log lines report (parsed as written) are smaller with sharing."""
+    from btrm.cli import main
+
+    data = Path(__file__).parents[1] / "eval" / "fixtures" / "rewardbench2.jsonl"
+    line = re.compile(r"scored \d+ conversations: decoder ran on ([\d,]+) tokens for ([\d,]+) sequence tokens")
+    rows, results, counts = [], [], []
+    for extra in ([], ["--no-share-prompt"]):
+        out = tmp_path / f"eval{len(extra)}"
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="btrm.eval"):
+            assert main(["eval", "--model", str(rm_dirs["qwen3"]), "--benchmark", "rewardbench2", "--data", str(data),
+                         "--dtype", "fp32", "--output-dir", str(out), *extra]) == 0
+        found = [line.search(r.getMessage()) for r in caplog.records if r.name == "btrm.eval"]
+        assert found and all(found), [r.getMessage() for r in caplog.records]
+        counts.append([sum(int(m.group(k).replace(",", "")) for m in found) for k in (1, 2)])
+        rows.append([json.loads(x) for x in (out / "rewardbench2.rows.jsonl").read_text().splitlines()[1:]])
+        results.append(json.loads((out / "rewardbench2.results.json").read_text()))
+    assert [r["id"] for r in rows[0]] == [r["id"] for r in rows[1]]
+    for a, b in zip(*rows):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-5) and a["result"] == b["result"]
+    assert results[0]["overall"] == pytest.approx(results[1]["overall"], abs=1e-5)
+    assert results[0]["subsets"] == pytest.approx(results[1]["subsets"], abs=1e-5)
+    (fwd_on, seq_on), (fwd_off, seq_off) = counts
+    assert seq_on == seq_off == fwd_off and fwd_on < fwd_off
 
 
 def test_server_shares_prefixes_across_texts(servers, rm_dirs):

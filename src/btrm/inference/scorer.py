@@ -89,7 +89,8 @@ class RewardModel:
         self.batch_tokens = int(batch_tokens)
         self.truncation = truncation
         self.device = next(model.parameters()).device
-        # encode a prompt shared by several conversations of a call once (where the attention backend can)
+        # encode a prompt shared by several conversations of a call once (every backend of btrm.attention can; a
+        # model loaded elsewhere with another attention implementation scores each conversation whole)
         self.share_prompt = bool(share_prompt) and sharing_mode(model) is not None
         # tokens the decoder ran on vs the tokens of the sequences scored, over this object's life
         self.token_counts = {"forward": 0, "sequences": 0}
@@ -112,8 +113,7 @@ class RewardModel:
         (`train_max_length`). attn_implementation "auto" packs without padding on any device: the fastest backend
         of btrm.attention that runs on `device` in `dtype`. A LoRA adapter directory (adapter_config.json, e.g. a
         checkpoint's `adapter/`) loads on top of `base`, by default the base its adapter config names.
-        share_prompt: encode a prompt that several conversations of one call share once (not with
-        flash_attention_2, which cannot take the layout).
+        share_prompt: encode a prompt that several conversations of one call share once.
         """
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 

@@ -25,7 +25,6 @@ from btrm.errors import UserError
 from btrm.flops import model_shape, non_embedding_params, peak_flops, train_flops
 from btrm.loss import build_objective
 from btrm.modeling import enable_activation_checkpointing, load_reward_model, packed_rewards, resolve_dtype
-from btrm.prefix_attention import sharing_mode
 from btrm.train import checkpoint as ckpt
 from btrm.train.ds_config import build_ds_config
 from btrm.train.logger import build_logger
@@ -101,10 +100,7 @@ class Trainer:
             enable_activation_checkpointing(rm)
         rm.config.use_cache = False
         self.rm = rm
-        # the prompt of a pair once per row, where the attention backend can take the layout
-        self.share = cfg.data.share_prompt and sharing_mode(rm) is not None
-        if cfg.data.share_prompt and not self.share and self.is_main:
-            log.warning("data.share_prompt: attention %s cannot take a shared prompt; pairs are packed whole", attn)
+        self.share = cfg.data.share_prompt  # the prompt of a pair once per row: every backend can take the layout
         self.n_params = non_embedding_params(rm)
         self.shape = model_shape(rm.config)
         wrapper = RewardWrapper(rm)
