@@ -185,3 +185,77 @@ def test_lora_memory_counts_peft_trainable_params(tiny_llama_dir):
     assert lo["gpu_params"] == full["gpu_params"] == 2 * p and lo["gpu_total"] == pytest.approx(2 * p + 18 * t)
     q = model_state_bytes(p, 10**9, 2, 8, trainable=t, weight_bytes=0.5625)
     assert q["gpu_params"] == pytest.approx(0.5625 * p) and q["gpu_optimizer"] == pytest.approx(12 * t / 8)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sequence parallelism (Ulysses)
+
+TINY = Arch(hidden=8, layers=2, heads=4, kv_heads=2, head_dim=2, intermediate=16, vocab=10, tie_word_embeddings=False)
+
+
+def test_activation_bytes_sp_hand_computed():
+    """q = 8, kv = 4, H = 8, I = 16 bytes-per-unit by hand. SP = 1: per layer 2 (4H + 2q + 2kv + 4I) + 8H + 4 heads
+    = 320, top 8H + 16 = 80, working 2 (2H + 2I) = 96. SP = 2 adds 2q = 16 per layer (the kernel's output at full row
+    length) and 2 * 2 * (2q + 2kv) = 96 working bytes (all-to-all buffers); SP = 4 > kv_heads replicates kv heads:
+    kv_sp = 4 * 2 = 8, + 4 (8 - 4) = 16 more per layer."""
+    one = activation_bytes(TINY, 64, checkpointing=False)
+    assert (one["saved"], one["total"]) == (64 * (2 * 320 + 80), 64 * (2 * 320 + 80 + 96))
+    two = activation_bytes(TINY, 32, checkpointing=False, sp=2)  # the same 64-token row over 2 ranks
+    assert (two["saved"], two["total"]) == (32 * (2 * 336 + 80), 32 * (2 * 336 + 80 + 192))
+    four = activation_bytes(TINY, 16, checkpointing=False, sp=4)
+    assert (four["saved"], four["total"]) == (16 * (2 * 352 + 80), 16 * (2 * 352 + 80 + 224))
+    ckpt = activation_bytes(TINY, 32, checkpointing=True, sp=2)  # layer inputs 2H each, one layer rebuilt
+    assert ckpt["saved"] == 32 * (2 * 2 * 8 + 336 + 80)
+    assert activation_bytes(TINY, 64, False, sp=1) == activation_bytes(TINY, 64, False)
+
+
+def _ulysses_saved_bytes(rank: int, a: Arch, tokens: int, init_file: str, out: dict) -> None:
+    """One of 2 gloo ranks: the bytes autograd saves for this rank's half of a `tokens`-token row under DeepSpeed's
+    UlyssesSPAttentionHF (sdpa inside: one unpacked row, so its causal mask is right)."""
+    import deepspeed
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers import AutoModelForSequenceClassification
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, init_method=f"file://{init_file}",
+                               rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(hf_config(a, attn_implementation="sdpa"))
+    model = model.to(torch.bfloat16).train()
+    UlyssesSPAttentionHF.register_with_transformers(model_name_or_path=model, core_attn_implementation="sdpa",
+                                                    sequence_parallel_size=2, micro_batch_size=1,
+                                                    seq_length_is_variable=True)
+    ids = torch.randint(1, a.vocab, (1, tokens), generator=torch.Generator().manual_seed(1))
+    mine = slice(rank * tokens // 2, (rank + 1) * tokens // 2)
+    out[rank] = saved_activation_bytes(model, ids[:, mine].clone(), torch.arange(tokens)[None, mine].clone())
+
+
+def saved_activation_bytes(model, ids, positions) -> int:
+    """Bytes of the tensors autograd saves in one forward, weights aside."""
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, position_ids=positions, use_cache=False)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in saved.items() if ptr not in weights)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv_heads", [2, 1])  # 1 < SP: Ulysses replicates the kv head on both ranks
+def test_sp_activation_formula_matches_ulysses_ranks(kv_heads, tmp_path):
+    """2 ranks on gloo through the real DeepSpeed wrapper: each rank saves what the SP = 2 formula says for its
+    half of the row (2%), clearly more than half the SP = 1 activations (the formula without its SP terms)."""
+    import torch.multiprocessing as mp
+
+    a = Arch(256, 3, 4, kv_heads, 64, 704, 512, False, qk_norm=True)
+    tokens = 512
+    out = mp.Manager().dict()
+    mp.spawn(_ulysses_saved_bytes, args=(a, tokens, str(tmp_path / "rendezvous"), out), nprocs=2)
+    assert out[0] == out[1]
+    est = activation_bytes(a, tokens // 2, checkpointing=False, sp=2)["saved"]
+    naive = activation_bytes(a, tokens // 2, checkpointing=False)["saved"]
+    assert out[0] == pytest.approx(est, rel=0.02)
+    assert out[0] > 1.03 * naive
