@@ -259,3 +259,77 @@ def test_sp_activation_formula_matches_ulysses_ranks(kv_heads, tmp_path):
     naive = activation_bytes(a, tokens // 2, checkpointing=False)["saved"]
     assert out[0] == pytest.approx(est, rel=0.02)
     assert out[0] > 1.03 * naive
+
+
+LONG_RECIPE = RECIPES.parent / "long-context" / "qwen3-8b-64k.yaml"
+
+
+def by_sp(r: dict) -> dict[int, dict]:
+    return {e["sp"]: e for e in r["sequence_parallel"]["candidates"]}
+
+
+def test_sp_recommendation_flips_at_the_right_memory():
+    """Qwen3-8B, pairs of two 64K conversations, ZeRO-1 + checkpointing on 8 GPUs: SP 4's total is model states
+    (unchanged by SP) + 32,768 tokens of SP = 4 activations + 2 GiB; at that memory SP 4 is recommended, just below
+    it SP 8, and with room for SP 2's total, SP 2."""
+    a = ARCHS["qwen3-8b"]
+    c = param_counts(a)
+    sp4 = (model_state_bytes(c["total"], c["largest_layer"], 1, 8)["gpu_total"]
+           + activation_bytes(a, 32768, True, sp=4)["total"] + 2 * GiB) / GiB
+    args = ("--config", RECIPES / "qwen3-8b.yaml", "--gpus", 8, "--data.max_length=65536")
+    at = plan_json(*args, "--gpu-memory", sp4)
+    assert by_sp(at)[4]["total_gib"] == pytest.approx(sp4)
+    assert by_sp(at)[4]["tokens_per_rank"] == 32768 and by_sp(at)[8]["tokens_per_rank"] == 16384
+    assert at["sequence_parallel"]["recommended"] == 4
+    assert plan_json(*args, "--gpu-memory", sp4 - 0.01)["sequence_parallel"]["recommended"] == 8
+    assert plan_json(*args, "--gpu-memory", by_sp(at)[2]["total_gib"])["sequence_parallel"]["recommended"] == 2
+    assert plan_json(*args, "--gpu-memory", 40)["sequence_parallel"]["recommended"] is None
+
+
+@pytest.mark.parametrize("arch,gpus,sp,why", [
+    ("qwen3-8b", 6, 3, "does not divide the model's 32 attention heads"),
+    ("llama-3.2-3b", 6, 3, "the model's 8 key/value heads do not divide one another"),  # 24 heads, 8 kv heads
+    ("qwen3-8b", 8, 3, "does not divide the 8 GPUs"),
+])
+def test_sp_that_does_not_divide_heads_is_refused(arch, gpus, sp, why, capsys):
+    rc = main(["plan", "--config", str(RECIPES / "qwen3-8b.yaml"), "--arch", arch, "--gpus", str(gpus),
+               "--gpu-memory", "80", f"--train.sequence_parallel_size={sp}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"train.sequence_parallel_size {sp} " in err and why in err
+    if gpus % sp == 0:  # and the recommendation never offers it
+        r = plan_json("--config", RECIPES / "qwen3-8b.yaml", "--arch", arch, "--gpus", gpus, "--gpu-memory", 80)
+        assert why in by_sp(r)[sp]["error"] and "total_gib" not in by_sp(r)[sp]
+
+
+def test_plan_states_sp_for_64k_and_128k_qwen3_8b_on_8x80(capsys):
+    """The long-context recipe, as docs/recipes.md shows it: SP 4 is the smallest that fits 64K, SP 8 for 128K,
+    each with its arithmetic; the recipe's own SP 8 at 16,384 tokens per GPU fits."""
+    r = plan_json("--config", LONG_RECIPE, "--gpus", 8, "--gpu-memory", 80)
+    assert r["fits"] and r["setting"]["sp"] == 8 and r["setting"]["max_tokens"] * 8 == 2 * 65536
+    assert "note_max_tokens" not in r and "40,960 positions" in r["note_positions"]
+    assert r["sequence_parallel"]["recommended"] == 4
+    assert main(["plan", "--config", str(LONG_RECIPE), "--gpus", "8", "--gpu-memory", "80",
+                 "--data.max_length=131072", "--data.max_tokens=32768"]) == 0
+    text = capsys.readouterr().out
+    assert "recipe: ZeRO-1 +ckpt, SP 8 @ 32,768 tok per rank (262,144 per row)" in text
+    assert "2 x 131,072 = 262,144 tokens" in text
+    assert re.search(r"^\s+4\s+65,536\s+657,552\s+40\.13 \+\s+52\.86 \+\s+0\.00 \+\s+2\.00 =\s+95\.0  over 80$", text,
+                     re.M)
+    assert "recommended: SP 8, the smallest that fits (--train.sequence_parallel_size=8 --data.max_tokens=32768)" in text
+
+
+def test_plan_suggests_sp_when_a_long_row_does_not_fit():
+    r = plan_json("--config", RECIPES / "qwen3-8b.yaml", "--gpus", 8, "--gpu-memory", 80,
+                  "--data.max_length=65536", "--data.max_tokens=131072")
+    assert not r["fits"]
+    assert ("sequence parallelism: split each 131,072-token row over 4 GPUs (--train.sequence_parallel_size=4 "
+            "--data.max_tokens=32768)") in r["suggestions"]
+
+
+def test_recipes_md_shows_the_current_plan_output(capsys):
+    """docs/recipes.md's 64K block is this command's output (up to its time section)."""
+    doc = (RECIPES.parents[1] / "docs" / "recipes.md").read_text()
+    cmd = "$ btrm plan --config configs/long-context/qwen3-8b-64k.yaml --gpus 8 --gpu-memory 80\n"
+    shown = doc[doc.index(cmd) + len(cmd):].split("\n```")[0]
+    assert main(["plan", "--config", str(LONG_RECIPE), "--gpus", "8", "--gpu-memory", "80"]) == 0
+    assert shown == capsys.readouterr().out.split("\n\ntime\n")[0]
