@@ -315,7 +315,8 @@ def test_plan_states_sp_for_64k_and_128k_qwen3_8b_on_8x80(capsys):
     assert "2 x 131,072 = 262,144 tokens" in text
     assert re.search(r"^\s+4\s+65,536\s+657,552\s+40\.13 \+\s+52\.86 \+\s+0\.00 \+\s+2\.00 =\s+95\.0  over 80$", text,
                      re.M)
-    assert "recommended: SP 8, the smallest that fits (--train.sequence_parallel_size=8 --data.max_tokens=32768)" in text
+    assert ("recommended: SP 8, the smallest that fits (--train.sequence_parallel_size=8 --data.max_tokens=32768)"
+            in text)
 
 
 def test_plan_suggests_sp_when_a_long_row_does_not_fit():

@@ -53,8 +53,10 @@ gradients over its sequence-data-parallel group, all SP x DP ranks (the engine p
 optimizers as their data-parallel group), so they are split over the whole world as without SP.
 Ulysses needs SP to divide the attention heads, and kv_heads and SP to divide one another; btrm also needs SP to
 divide the world. `btrm plan` recommends the smallest such SP at which a pair of two data.max_length conversations
-fits in GPU memory: a row of 2 x max_length tokens, 2 x max_length / SP per rank. The estimate errs on the side of caution; measure the first steps before a long run:
-on CUDA the trainer logs rank 0's `peak_memory_gib` per step (`torch.cuda.max_memory_allocated`).
+fits in GPU memory: a row of 2 x max_length tokens, 2 x max_length / SP per rank.
+
+The estimate errs on the side of caution; measure the first steps before a long run: on CUDA the trainer logs rank
+0's `peak_memory_gib` per step (`torch.cuda.max_memory_allocated`).
 
 Time: a step is `train.global_batch_pairs` pairs of `--mean-pair-tokens` tokens (from `btrm data stats`). Without a
 measured `--tokens-per-sec-per-gpu` we assume 35% MFU of 989 TFLOP/s (H100/H200 dense bf16; torchtitan reports 33-39%
@@ -268,7 +270,8 @@ class Setting:
         off = "+".join(x for x, on in (("opt", self.offload_optimizer), ("param", self.offload_param)) if on)
         split = (f", SP {self.sp} @ {self.max_tokens:,} tok per rank ({self.max_tokens * self.sp:,} per row)"
                  if self.sp > 1 else f" @ {self.max_tokens:,} tok")
-        return f"ZeRO-{self.stage}" + (f" offload {off}" if off else "") + (" +ckpt" if self.checkpointing else "") + split
+        return (f"ZeRO-{self.stage}" + (f" offload {off}" if off else "") + (" +ckpt" if self.checkpointing else "")
+                + split)
 
 
 def memory(a: Arch, counts: dict, s: Setting, gpus: int, nodes: int, dtype: str) -> dict[str, float]:
