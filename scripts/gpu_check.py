@@ -19,6 +19,11 @@
    under the same 16,384 padded-token budget, sdpa with attention_mask). MFU uses btrm.flops (docs/design.md formula:
    6N + 12*L*H*Q*s_bar per token, useful tokens only, recompute not counted) and the peak from its table.
 
+3. Sequence parallelism, on a machine with >= 2 GPUs and DeepSpeed + datasets (else skipped, with the reason
+   printed): the real trainer on a Qwen3-0.6B-shaped model, rows of one pair of two long conversations, SP = every
+   GPU (16,384 tokens each) against SP = 1 holding the whole row on one GPU: the first step's loss must agree to
+   bf16 precision; peak memory per GPU and tokens/s side by side (`run_sp_row`).
+
 Results: a markdown table printed last and `<out>/gpu_check.json` (rewritten after every config, so a run cut
 short still leaves what it measured). Each throughput config catches OOM and reports it.
 """
@@ -340,6 +345,101 @@ def run_throughput(device, name: str, shape: dict, args, pack_tokens: int, scale
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Sequence parallelism (several GPUs only)
+
+SP_SHAPE = dict(hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8, intermediate_size=3072)  # Qwen3-0.6B
+SP_TOKENS_PER_GPU = 16384
+
+
+def sp_skip_reason(dry: bool) -> str | None:
+    if dry:
+        return "dry run on CPU: the SP row needs >= 2 GPUs (the CPU tests check SP numerics)"
+    n = torch.cuda.device_count()
+    if n < 2:
+        return f"{n} GPU visible: the SP row needs >= 2"
+    import importlib.util
+
+    def absent(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except ValueError:  # blocked in sys.modules
+            return True
+
+    missing = [m for m in ("deepspeed", "datasets") if absent(m)]
+    if missing:
+        return f"{' and '.join(missing)} not installed (WHEELS=/dir with their wheels)"
+    return None
+
+
+def run_sp_row(args, out: Path) -> dict:
+    """The real trainer (`train.py` under the `deepspeed` launcher) on a Qwen3-0.6B-shaped model, one pair of two
+    long conversations per row: SP = every GPU (16,384 tokens each) against SP = 1 holding the whole row on one GPU.
+    Same data, same single data-parallel group, so the first step's loss must agree (bf16); peak memory per GPU
+    (rank 0, `peak_memory_gib`) and tokens/s side by side. Needs DeepSpeed and datasets on the machine."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from btrm.tiny import build_tiny_model, make_preference_rows
+
+    n = torch.cuda.device_count()
+    sp = max(d for d in (2, 4, 8, 16) if d <= n and SP_SHAPE["num_heads"] % d == 0)
+    row_tokens = SP_TOKENS_PER_GPU * sp
+    work = out / "sp"
+    model_dir = build_tiny_model("qwen3", work / "model", **SP_SHAPE)
+    rng = np.random.default_rng(args.seed)
+    rows = make_preference_rows(4, args.seed)
+    words = " ".join(m["content"] for r in rows for m in r["chosen"] + r["rejected"]).split()
+    with (work / "pairs.jsonl").open("w") as f:
+        for r in rows:  # a long shared context before each question, cut from the left to fit max_length
+            context = " ".join(rng.choice(words, size=row_tokens))
+            for side in ("chosen", "rejected"):
+                r[side][0] = {**r[side][0], "content": context + "\n\n" + r[side][0]["content"]}
+            f.write(json.dumps(r) + "\n")
+    config = {"model": {"name_or_path": str(model_dir), "dtype": "bf16", "gradient_checkpointing": True},
+              "data": {"sources": [{"path": str(work / "pairs.jsonl")}], "max_length": row_tokens // 2,
+                       "overlong": "truncate_prompt_left", "share_prompt": False, "cache_dir": str(work / "cache")},
+              "optim": {"lr": 1e-5}, "train": {"global_batch_pairs": 2, "max_steps": 2, "seed": args.seed},
+              "logging": {"wandb": False, "progress": False}, "checkpoint": {"save_final": False}}
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    result = {"sp": sp, "row_tokens": row_tokens, "shape": SP_SHAPE, "runs": {}}
+    for size, gpus in ((1, 1), (sp, sp)):
+        run_dir = work / f"sp{size}"
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(gpus), "train.py",
+               "--config", str(work / "config.yaml"), f"--train.sequence_parallel_size={size}",
+               f"--data.max_tokens={row_tokens // size}", f"--train.output_dir={run_dir}"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                              timeout=600)
+        (work / f"sp{size}.log").write_text(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            return {**result, "status": "error", "reason": f"SP={size} run failed ({proc.returncode}): "
+                    + (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+        steps = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+        result["runs"][size] = {"loss": [m["loss"] for m in steps], "wall_s": time.perf_counter() - t0,
+                                "tokens_per_s": steps[-1].get("tokens_per_s"),
+                                "peak_mem_gib": max(m.get("peak_memory_gib", 0.0) for m in steps)}
+    one, many = result["runs"][1], result["runs"][sp]
+    result["first_loss_abs_diff"] = abs(one["loss"][0] - many["loss"][0])
+    result["peak_mem_ratio"] = many["peak_mem_gib"] / one["peak_mem_gib"] if one["peak_mem_gib"] else None
+    ok = result["first_loss_abs_diff"] <= 2 ** -7 * max(1.0, abs(one["loss"][0]))  # bf16 relative precision
+    return {**result, "status": "pass" if ok else "FAIL"}
+
+
+def sp_line(r: dict) -> str:
+    if r["status"] == "skipped":
+        return f"SP row: skipped: {r['reason']}"
+    if r["status"] == "error":
+        return f"SP row: error: {r['reason']}"
+    one, many = r["runs"][1], r["runs"][r["sp"]]
+    return (f"SP row: {r['status']}: {r['row_tokens']:,}-token rows, SP {r['sp']} vs 1: first loss "
+            f"{many['loss'][0]:.4f} vs {one['loss'][0]:.4f}; peak GiB per GPU {many['peak_mem_gib']:.1f} vs "
+            f"{one['peak_mem_gib']:.1f} (x{r['peak_mem_ratio']:.2f}); tokens/s {many['tokens_per_s']:,.0f} vs "
+            f"{one['tokens_per_s']:,.0f}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Report
 
 
@@ -443,6 +543,15 @@ def main() -> None:
     for name, shape in shapes.items():
         result["throughput"] += run_throughput(device, name, shape, args, pack_tokens, scale)
         save()
+    reason = sp_skip_reason(dry)
+    if reason is None and time.perf_counter() - START > args.budget_s:
+        reason = f"time budget {args.budget_s}s spent"
+    try:
+        result["sequence_parallel"] = ({"status": "skipped", "reason": reason} if reason else run_sp_row(args, out))
+    except Exception as e:
+        result["sequence_parallel"] = {"status": "error", "reason": f"{type(e).__name__}: {e}"[:500]}
+    print(json.dumps(result["sequence_parallel"]), flush=True)
+    save()
     # passed = every backend that ran agrees, and the check itself caught both broken layouts
     result["self_test_passed"] = all(r["ok"] for r in result["self_test"])
     result["correctness_passed"] = result["self_test_passed"] and all(
@@ -458,6 +567,7 @@ def main() -> None:
           f"{result['elapsed_s']:.0f}s; JSON: {path}")
     print(table(result))
     print()
+    print(sp_line(result["sequence_parallel"]))
     print(f"correctness: {'passed' if result['correctness_passed'] else 'FAILED'}; best packed MFU: " + ", ".join(
         f"{k} {v:.1%}" if v is not None else f"{k} n/a" for k, v in result["best_packed_mfu"].items())
         + " (target for the 1.7B shape: >= 40%)")

@@ -2,6 +2,8 @@
 # btrm GPU check: packed-vs-unpacked correctness per attention backend in bf16, then tokens/s and MFU at 16K packs
 # for Qwen3-0.6B/1.7B-shaped models (packed, packed + gradient checkpointing, padded baseline). One call of < 8
 # minutes on one H100/H200, no network. Needs torch + transformers only (no DeepSpeed, no datasets).
+# On >= 2 GPUs with DeepSpeed and datasets installed (WHEELS=...), an SP row also trains with Ulysses sequence
+# parallelism over every GPU against SP = 1 (a few more minutes: --budget-s); otherwise it prints why it skipped.
 #
 #   scripts/gpu_check.sh                 # JSON in $OUT/gpu_check.json (default ./gpu_check_out), table printed last
 #   DRY_RUN=1 scripts/gpu_check.sh       # the same code path on CPU with tiny shapes (CI: tests/test_gpu_check.py)

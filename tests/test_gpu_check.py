@@ -38,9 +38,11 @@ def test_gpu_check_dry_run(tmp_path):
     assert all(line.startswith("|") for line in lines[head:head + 8])  # the tables come last, then a verdict
     assert "self-test: reward_one_token_early" in proc.stdout
     assert lines[-1].startswith("correctness: passed; best packed MFU: tiny-a n/a")
+    assert lines[-2] == "SP row: skipped: dry run on CPU: the SP row needs >= 2 GPUs (the CPU tests check SP numerics)"
 
     res = json.loads((out / "gpu_check.json").read_text())
     assert res["dry_run"] is True and res["device"].startswith("cpu")
+    assert res["sequence_parallel"]["status"] == "skipped"
     assert res["correctness_passed"] is True
     tol = res["tolerance"]  # derived from the bf16-vs-fp32 floor (params cast, rotary buffers fp32), and printed
     assert tol["floor_abs"] > 0  # the bf16 path really was bf16

@@ -64,6 +64,36 @@ def test_dev_recipe(name):
                                                                       final.deepspeed)
 
 
+LONG_CONTEXT = ROOT / "configs" / "long-context"
+
+
+def test_long_context_recipe():
+    """Qwen3-8B at 64K with Ulysses SP 8: each SP group's row (max_tokens x SP) holds a pair of two 64K
+    conversations, SP divides the heads and 8 GPUs, and `btrm plan` fits it on 8 x 80 GB. Loaded without
+    Config.validate(), which accepts only SP = 1 until the trainer's SP path lands; the planner checks the layout."""
+    from btrm.plan import plan, resolve_arch, sp_layout_error
+
+    assert [p.name for p in LONG_CONTEXT.glob("*.yaml")] == ["qwen3-8b-64k.yaml"]
+    cfg = load_config(LONG_CONTEXT / "qwen3-8b-64k.yaml", validate=False)
+    sp = cfg.train.sequence_parallel_size
+    assert cfg.model.name_or_path == BASES["qwen3-8b"] and cfg.model.gradient_checkpointing
+    assert cfg.data.max_length == 65536 and sp == 8 and cfg.data.max_tokens * sp == 2 * cfg.data.max_length
+    a, _ = resolve_arch(cfg.model.name_or_path)
+    assert sp_layout_error(a, sp, 8) is None
+    assert plan(cfg, a, gpus=8, nodes=1, gpu_memory_gib=80)["fits"]
+
+
+def test_max_length_128k_has_no_cap():
+    """data.max_length up to 131,072: the config takes it and a pair of two 131,072-token conversations is kept
+    whole when the row holds it (max_tokens x SP)."""
+    from btrm.data.dataset import fit_pair
+
+    cfg = load_config(RECIPES / "qwen3-8b.yaml", ["--data.max_length=131072", "--data.max_tokens=262144"])
+    c, r = [1] * 131072, [2] * 131072
+    assert fit_pair(c, r, cfg.data.max_length, cfg.data.max_tokens, "drop", None) == (c, r, "ok")
+    assert fit_pair(c + [1], r, cfg.data.max_length, cfg.data.max_tokens, "drop", None)[2] == "dropped"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 2 training steps per recipe on CPU, through the real entry point
 

@@ -1,7 +1,8 @@
 """`btrm plan`: per-GPU memory and wall-clock of a recipe, before renting the GPUs.
 
     btrm plan --config configs/skywork-reward-v2/llama-3.1-8b.yaml --gpus 8 --nodes 8 --gpu-memory 80 \\
-              --dataset-pairs 26000000 --mean-pair-tokens 2400 [--tokens-per-sec-per-gpu 9000] [--json]
+              --dataset-pairs 26000000 --mean-pair-tokens 2400 [--tokens-per-sec-per-gpu 9000] [--json] \\
+              [--section.key=value ...]   # overrides as in train.py, e.g. --data.max_length=131072
 
 `--gpus` is GPUs per node, `--nodes` the node count; data parallelism runs over all of them. Memory is in GiB.
 The model shape comes from `--arch` (built-in sizes of the Skywork-Reward-V2 bases, no download), else from the
@@ -36,8 +37,26 @@ log-sum-exp). Per token and decoder layer, the tensors autograd saves in a Llama
   inputs are kept and one layer's activations are rebuilt at a time in backward.
 Plus a backward working set of T * 2 * (2 H + 2 I) (the gradients flowing through one layer) and, per stage,
 DeepSpeed's communication buckets at the sizes btrm.train.ds_config sets. A fixed 2 GiB covers the CUDA context,
-NCCL and allocator slack. The estimate errs on the side of caution; measure the first steps before a long run:
-on CUDA the trainer logs rank 0's `peak_memory_gib` per step (`torch.cuda.max_memory_allocated`).
+NCCL and allocator slack.
+
+Sequence parallelism (train.sequence_parallel_size = SP > 1, DeepSpeed's Ulysses `UlyssesSPAttentionHF`): an SP
+group of ranks shares one packed row of data.max_tokens x SP tokens, each rank holding T = data.max_tokens of them.
+Outside attention every tensor above is per token, so a rank's activations are those of T tokens. Inside attention
+an all-to-all swaps the split: each rank attends over the whole row with heads / SP query heads and
+max(kv_heads / SP, 1) key/value heads (kv heads are replicated when SP > kv_heads), the same bytes as T tokens of
+all heads except (per token and layer, measured against the tensors autograd saves under the real wrapper):
+  + 2 q                       the kernel's output at full row length, now a separate tensor from o_proj's input
+  + 2 * 2 * (kv_sp - kv)      k and v of replicated kv heads, kv_sp = max(kv_heads, SP) * head_dim
+and the backward working set gains the send and receive copies of one layer's q, k, v and output,
+2 * 2 * (2 q + 2 kv_sp) per token. Model states do not change: DeepSpeed partitions ZeRO states and reduces
+gradients over its sequence-data-parallel group, all SP x DP ranks (the engine passes that group to the ZeRO
+optimizers as their data-parallel group), so they are split over the whole world as without SP.
+Ulysses needs SP to divide the attention heads, and kv_heads and SP to divide one another; btrm also needs SP to
+divide the world. `btrm plan` recommends the smallest such SP at which a pair of two data.max_length conversations
+fits in GPU memory: a row of 2 x max_length tokens, 2 x max_length / SP per rank.
+
+The estimate errs on the side of caution; measure the first steps before a long run: on CUDA the trainer logs rank
+0's `peak_memory_gib` per step (`torch.cuda.max_memory_allocated`).
 
 Time: a step is `train.global_batch_pairs` pairs of `--mean-pair-tokens` tokens (from `btrm data stats`). Without a
 measured `--tokens-per-sec-per-gpu` we assume 35% MFU of 989 TFLOP/s (H100/H200 dense bf16; torchtitan reports 33-39%
@@ -76,16 +95,17 @@ class Arch:
     vocab: int
     tie_word_embeddings: bool  # irrelevant to the reward model (no LM head) but part of the base's identity
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k
+    max_positions: int | None = None  # max_position_embeddings of the base: longer runs extrapolate RoPE
 
 
 ARCHS = {
-    "llama-3.1-8b": Arch(4096, 32, 32, 8, 128, 14336, 128256, False),
-    "llama-3.2-1b": Arch(2048, 16, 32, 8, 64, 8192, 128256, True),
-    "llama-3.2-3b": Arch(3072, 28, 24, 8, 128, 8192, 128256, True),
-    "qwen3-0.6b": Arch(1024, 28, 16, 8, 128, 3072, 151936, True, qk_norm=True),
-    "qwen3-1.7b": Arch(2048, 28, 16, 8, 128, 6144, 151936, True, qk_norm=True),
-    "qwen3-4b": Arch(2560, 36, 32, 8, 128, 9728, 151936, True, qk_norm=True),
-    "qwen3-8b": Arch(4096, 36, 32, 8, 128, 12288, 151936, False, qk_norm=True),
+    "llama-3.1-8b": Arch(4096, 32, 32, 8, 128, 14336, 128256, False, max_positions=131072),
+    "llama-3.2-1b": Arch(2048, 16, 32, 8, 64, 8192, 128256, True, max_positions=131072),
+    "llama-3.2-3b": Arch(3072, 28, 24, 8, 128, 8192, 128256, True, max_positions=131072),
+    "qwen3-0.6b": Arch(1024, 28, 16, 8, 128, 3072, 151936, True, qk_norm=True, max_positions=40960),
+    "qwen3-1.7b": Arch(2048, 28, 16, 8, 128, 6144, 151936, True, qk_norm=True, max_positions=40960),
+    "qwen3-4b": Arch(2560, 36, 32, 8, 128, 9728, 151936, True, qk_norm=True, max_positions=40960),
+    "qwen3-8b": Arch(4096, 36, 32, 8, 128, 12288, 151936, False, qk_norm=True, max_positions=40960),
 }
 HUB_IDS = {
     "meta-llama/Llama-3.1-8B-Instruct": "llama-3.1-8b", "meta-llama/Llama-3.2-1B-Instruct": "llama-3.2-1b",
@@ -96,10 +116,15 @@ HUB_IDS = {
 
 def arch_from_hf_config(c) -> Arch:
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    positions = getattr(c, "max_position_embeddings", None)
+    rope = getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}
+    if positions and rope.get("rope_type") == "yarn" and rope.get("original_max_position_embeddings"):
+        positions = max(positions, int(rope["factor"] * rope["original_max_position_embeddings"]))
     return Arch(c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
                 getattr(c, "num_key_value_heads", None) or c.num_attention_heads, head_dim, c.intermediate_size,
                 c.vocab_size, bool(getattr(c, "tie_word_embeddings", False)),
-                qk_norm=getattr(c, "model_type", "") in ("qwen3", "qwen3_moe"))
+                qk_norm=getattr(c, "model_type", "") in ("qwen3", "qwen3_moe"),
+                max_positions=positions)
 
 
 def resolve_arch(name_or_path: str, arch: str | None = None) -> tuple[Arch, str]:
@@ -198,13 +223,18 @@ def comm_buffer_bytes(stage: int, offload_optimizer: bool) -> float:
 # Activations
 
 
-def activation_bytes(a: Arch, tokens: int, checkpointing: bool) -> dict[str, float]:
-    """Saved activations and backward working set of one packed micro-batch of `tokens` tokens (module docstring)."""
+def activation_bytes(a: Arch, tokens: int, checkpointing: bool, sp: int = 1) -> dict[str, float]:
+    """Saved activations and backward working set of one rank's `tokens` tokens of a packed micro-batch, the row
+    split over `sp` ranks by Ulysses (module docstring)."""
     q, kv, h, i = a.heads * a.head_dim, a.kv_heads * a.head_dim, a.hidden, a.intermediate
     per_layer = 2 * (4 * h + 2 * q + 2 * kv + 4 * i) + 2 * 4 * h + 4 * a.heads + (6 * (q + kv) if a.qk_norm else 0)
+    work = 2 * (2 * h + 2 * i)
+    if sp > 1:
+        kv_sp = max(a.kv_heads, sp) * a.head_dim
+        per_layer += 2 * q + 2 * 2 * (kv_sp - kv)
+        work += 2 * 2 * (2 * q + 2 * kv_sp)
     top = 8 * h + 16
     saved = a.layers * 2 * h + per_layer + top if checkpointing else a.layers * per_layer + top
-    work = 2 * (2 * h + 2 * i)
     return {"saved": float(tokens * saved), "working": float(tokens * work), "total": float(tokens * (saved + work)),
             "per_token_per_layer": float(per_layer)}
 
@@ -213,24 +243,42 @@ def activation_bytes(a: Arch, tokens: int, checkpointing: bool) -> dict[str, flo
 # Plan
 
 
+def sp_layout_error(a: Arch, sp: int, world: int) -> str | None:
+    """Why `sp` ranks cannot split this model's rows among `world` GPUs (Ulysses' head rules), else None."""
+    key = f"train.sequence_parallel_size {sp}"
+    if sp < 1:
+        return f"{key} must be >= 1"
+    if world % sp:
+        return f"{key} does not divide the {world} GPUs"
+    if a.heads % sp:
+        return f"{key} does not divide the model's {a.heads} attention heads (Ulysses splits heads SP-way)"
+    if a.kv_heads % sp and sp % a.kv_heads:
+        return f"{key} and the model's {a.kv_heads} key/value heads do not divide one another"
+    return None
+
+
 @dataclass
 class Setting:
     stage: int
     offload_optimizer: bool
     offload_param: bool
     checkpointing: bool
-    max_tokens: int
+    max_tokens: int  # per rank: an SP group's row holds max_tokens x sp tokens
+    sp: int = 1
 
     def label(self) -> str:
         off = "+".join(x for x, on in (("opt", self.offload_optimizer), ("param", self.offload_param)) if on)
-        return (f"ZeRO-{self.stage}" + (f" offload {off}" if off else "")
-                + (" +ckpt" if self.checkpointing else "") + f" @ {self.max_tokens:,} tok")
+        split = (f", SP {self.sp} @ {self.max_tokens:,} tok per rank ({self.max_tokens * self.sp:,} per row)"
+                 if self.sp > 1 else f" @ {self.max_tokens:,} tok")
+        return (f"ZeRO-{self.stage}" + (f" offload {off}" if off else "") + (" +ckpt" if self.checkpointing else "")
+                + split)
 
 
 def memory(a: Arch, counts: dict, s: Setting, gpus: int, nodes: int, dtype: str) -> dict[str, float]:
+    # SP leaves model states alone: DeepSpeed partitions them over all SP x DP ranks (module docstring)
     states = model_state_bytes(counts["total"], counts["largest_layer"], s.stage, gpus, nodes, s.offload_optimizer,
                                s.offload_param, dtype, counts.get("trainable"), counts.get("weight_bytes"))
-    act = activation_bytes(a, s.max_tokens, s.checkpointing)
+    act = activation_bytes(a, s.max_tokens, s.checkpointing, s.sp)
     buffers = comm_buffer_bytes(s.stage, s.offload_optimizer)
     total = states["gpu_total"] + act["total"] + buffers + OVERHEAD_GIB * GiB
     return {"model_states": states["gpu_total"], "params": states["gpu_params"], "grads": states["gpu_grads"],
@@ -262,6 +310,13 @@ def alternatives(a: Arch, counts: dict, cur: Setting, gpus: int, nodes: int, dty
     if not cur.offload_param and fits(s):
         out.append("ZeRO-3 with parameter and optimizer offload (--deepspeed.zero_stage=3 "
                    "--deepspeed.offload_optimizer=true --deepspeed.offload_param=true; much slower)")
+    row, world = cur.max_tokens * cur.sp, gpus * nodes
+    for sp in range(cur.sp + 1, world + 1):  # the same rows split over more ranks
+        s = replace(cur, sp=sp, max_tokens=-(-row // sp))
+        if sp_layout_error(a, sp, world) is None and fits(s):
+            out.append(f"sequence parallelism: split each {row:,}-token row over {sp} GPUs "
+                       f"(--train.sequence_parallel_size={sp} --data.max_tokens={s.max_tokens})")
+            break
     lo, hi = 0, cur.max_tokens  # largest max_tokens that fits, in steps of 1024
     while hi - lo > 1024:
         mid = (lo + hi) // 2 // 1024 * 1024 or 1024
@@ -275,6 +330,30 @@ def alternatives(a: Arch, counts: dict, cur: Setting, gpus: int, nodes: int, dty
                 out.append(f"more GPUs: {total_gpus} in all partitions the optimizer states enough")
                 break
     return out
+
+
+def recommend_sp(a: Arch, counts: dict, cur: Setting, gpus: int, nodes: int, dtype: str, limit: float,
+                 max_length: int) -> dict[str, Any]:
+    """Per-rank memory for each SP that divides the world, when one row holds a pair of two `max_length`
+    conversations (2 x max_length tokens, 2 x max_length / SP per rank), at the recipe's ZeRO and checkpointing
+    settings; `recommended` is the smallest SP that fits, None if none does."""
+    world = gpus * nodes
+    row = 2 * max_length
+    rows = []
+    for sp in (d for d in range(1, world + 1) if world % d == 0):
+        per_rank = -(-row // sp)  # the row is padded to a multiple of SP
+        entry: dict[str, Any] = {"sp": sp, "row_tokens": per_rank * sp, "tokens_per_rank": per_rank,
+                                 "error": sp_layout_error(a, sp, world)}
+        if entry["error"] is None:
+            s = replace(cur, sp=sp, max_tokens=per_rank)
+            m = memory(a, counts, s, gpus, nodes, dtype)
+            entry.update({"activation_bytes_per_token": activation_bytes(a, 1, s.checkpointing, sp)["total"],
+                          **{f"{k}_gib": m[k] / GiB for k in ("activations", "model_states", "comm_buffers",
+                                                               "overhead", "total")},
+                          "fits": m["total"] <= limit})
+        rows.append(entry)
+    return {"max_length": max_length, "row_tokens": row, "candidates": rows,
+            "recommended": next((e["sp"] for e in rows if e.get("fits")), None)}
 
 
 def lora_params(a: Arch, r: int, target_modules: list[str]) -> int:
@@ -295,8 +374,12 @@ def plan(cfg: Config, a: Arch, gpus: int, nodes: int, gpu_memory_gib: float, tok
             counts["weight_bytes"] = 0.5625
     dtype = "fp32" if cfg.model.dtype == "fp32" else "bf16"
     ds = cfg.deepspeed
+    sp = cfg.train.sequence_parallel_size
+    error = sp_layout_error(a, sp, gpus * nodes)
+    if error:
+        raise UserError(error)
     cur = Setting(ds.zero_stage, ds.offload_optimizer, ds.offload_param, cfg.model.gradient_checkpointing,
-                  cfg.data.max_tokens)
+                  cfg.data.max_tokens, sp)
     limit = gpu_memory_gib * GiB
     mem = memory(a, counts, cur, gpus, nodes, dtype)
     table = []
@@ -314,15 +397,23 @@ def plan(cfg: Config, a: Arch, gpus: int, nodes: int, gpu_memory_gib: float, tok
         "arch": asdict(a), "params": counts, "gpus_per_node": gpus, "nodes": nodes, "gpu_memory_gib": gpu_memory_gib,
         "dtype": dtype, "setting": asdict(cur), "label": cur.label(),
         "memory_gib": {k: v / GiB for k, v in mem.items()},
-        "activations_gib": {"no_ckpt": activation_bytes(a, cur.max_tokens, False)["total"] / GiB,
-                            "ckpt": activation_bytes(a, cur.max_tokens, True)["total"] / GiB},
+        "activations_gib": {"no_ckpt": activation_bytes(a, cur.max_tokens, False, sp)["total"] / GiB,
+                            "ckpt": activation_bytes(a, cur.max_tokens, True, sp)["total"] / GiB},
         "fits": mem["total"] <= limit, "options": table, "suggestions": [],
+        "sequence_parallel": recommend_sp(a, counts, cur, gpus, nodes, dtype, limit, cfg.data.max_length),
     }
     if not result["fits"]:
         result["suggestions"] = alternatives(a, counts, cur, gpus, nodes, dtype, limit)
-    if cfg.data.max_tokens < 2 * cfg.data.max_length:
-        result["note_max_tokens"] = (f"data.max_tokens {cfg.data.max_tokens:,} < 2 x max_length: pairs with more "
-                                     f"than {cfg.data.max_tokens:,} tokens in all follow data.overlong")
+    row = cfg.data.max_tokens * sp
+    if row < 2 * cfg.data.max_length:
+        result["note_max_tokens"] = (f"a row of data.max_tokens {cfg.data.max_tokens:,}"
+                                     + (f" x SP {sp} = {row:,}" if sp > 1 else "")
+                                     + f" tokens < 2 x max_length: pairs with more than {row:,} tokens in all "
+                                     "follow data.overlong")
+    if a.max_positions and cfg.data.max_length > a.max_positions:
+        result["note_positions"] = (f"data.max_length {cfg.data.max_length:,} > the base's {a.max_positions:,} "
+                                    "positions (max_position_embeddings): RoPE runs past its trained range unless "
+                                    "the base's config.json sets rope scaling (Qwen3: YaRN, factor 4 over 32,768)")
     result["time"] = time_estimate(cfg, a, counts, gpus * nodes, tokens_per_sec, dataset_pairs, mean_pair_tokens)
     return result
 
@@ -381,8 +472,7 @@ def format_plan(r: dict, source: str) -> str:
     else:
         lines.append(f"  WILL NOT FIT: {m['total'] - r['gpu_memory_gib']:.1f} GiB over. What would fit:")
         lines += [f"    - {s}" for s in r["suggestions"]] or ["    - nothing on this cluster: more or larger GPUs"]
-    if "note_max_tokens" in r:
-        lines.append(f"  note: {r['note_max_tokens']}")
+    lines += [f"  note: {r[k]}" for k in ("note_max_tokens", "note_positions") if k in r]
     lines += ["", "all settings at this max_tokens (GiB per GPU; * = fits)",
               "  ZeRO  offload        model states   no ckpt     ckpt   host/node"]
     for row in r["options"]:
@@ -390,6 +480,9 @@ def format_plan(r: dict, source: str) -> str:
         mark = lambda v: f"{v:8.1f}{'*' if v <= r['gpu_memory_gib'] else ' '}"  # noqa: E731
         lines.append(f"  {row['stage']:>4}  {off:<12} {row['model_states']:12.1f} {mark(row['no_ckpt'])} "
                      f"{mark(row['ckpt'])} {row['host_per_node']:9.0f}")
+    spr = r["sequence_parallel"]
+    if r["setting"]["sp"] > 1 or spr["recommended"] != 1:
+        lines += [""] + format_sp(spr, r)
     t = r["time"]
     lines += ["", "time"]
     if "steps_per_epoch" in t:
@@ -407,6 +500,35 @@ def format_plan(r: dict, source: str) -> str:
     return "\n".join(lines)
 
 
+def format_sp(spr: dict, r: dict) -> list[str]:
+    """The SP recommendation with its arithmetic, one line per SP."""
+    cur = r["setting"]
+    label = Setting(**{**cur, "sp": 1}).label().split(" @ ")[0]
+    world = r["gpus_per_node"] * r["nodes"]
+    lines = [f"sequence parallelism (Ulysses): a pair of two {spr['max_length']:,}-token conversations in one row of "
+             f"2 x {spr['max_length']:,} = {spr['row_tokens']:,} tokens, split over SP GPUs",
+             f"  at {label}; activations = tokens per rank x bytes per token; model states as above for any SP "
+             f"(ZeRO partitions them over all {world} GPUs)",
+             "    SP  tokens/rank  B/token  activations + model states + buffers + overhead =  total GiB"]
+    for e in spr["candidates"]:
+        if e["error"]:
+            lines.append(f"  {e['sp']:>4}  refused: {e['error']}")
+            continue
+        lines.append(f"  {e['sp']:>4}  {e['tokens_per_rank']:>11,}  {e['activation_bytes_per_token']:>7,.0f}  "
+                     f"{e['activations_gib']:>11.2f} + {e['model_states_gib']:>12.2f} + {e['comm_buffers_gib']:>7.2f}"
+                     f" + {e['overhead_gib']:>8.2f} = {e['total_gib']:>6.1f}  "
+                     + ("fits" if e["fits"] else f"over {r['gpu_memory_gib']:g}")
+                     + (" (crosses nodes)" if e["sp"] > r["gpus_per_node"] else ""))
+    rec = spr["recommended"]
+    if rec is None:
+        lines.append(f"  no SP fits at {label}: see the settings table above for a higher ZeRO stage or offload")
+    else:
+        per_rank = next(e["tokens_per_rank"] for e in spr["candidates"] if e["sp"] == rec)
+        lines.append(f"  recommended: SP {rec}, the smallest that fits "
+                     f"(--train.sequence_parallel_size={rec} --data.max_tokens={per_rank})")
+    return lines
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="recipe YAML (model, data.max_tokens, deepspeed, batch)")
     parser.add_argument("--gpus", type=int, required=True, help="GPUs per node")
@@ -417,10 +539,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset-pairs", type=int, help="pairs in the training set (btrm data stats)")
     parser.add_argument("--mean-pair-tokens", type=float, help="mean chosen+rejected tokens (btrm data stats)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.set_defaults(accepts_overrides=True)  # --section.key=value as in train.py, e.g. --data.max_length=131072
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, validate=False)  # a ConfigError ends in one line (btrm.cli)
+    # a ConfigError ends in one line (btrm.cli); validate() is not called, the planner checks what it reads itself
+    cfg = load_config(args.config, args.overrides, validate=False)
     try:
         a, source = resolve_arch(cfg.model.name_or_path, args.arch)
     except (ValueError, OSError) as e:  # AutoConfig could not read the model path (offline, typo)
