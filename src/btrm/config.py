@@ -152,12 +152,17 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = "bt"
-    """Objective, a name in btrm.loss.OBJECTIVES: bt = Bradley-Terry over pairs, -logsigmoid(r_c - r_r)."""
+    kind: str = "bt_pairs"
+    """Objective, a name in btrm.loss.OBJECTIVES: bt_pairs = Bradley-Terry, -logsigmoid(r_w - r_l), over every
+    ordered pair of responses an item orders (a pair: its one comparison; `bt` is its old name); plackett_luce =
+    the listwise likelihood of a group's ranking (ties: docs/design.md). Both equal plain BT on pairs."""
     margin: bool = False
-    """Use the per-pair `margin` column: -logsigmoid(r_c - r_r - margin)."""
+    """Use the per-pair `margin` column: -logsigmoid(r_c - r_r - margin), for each comparison of the item."""
     center_coef: float = 0.0
-    """Reward centering: + coef * (r_c + r_r)^2 per pair (0 disables)."""
+    """Reward centering: + coef * (r_c + r_r)^2 per pair, i.e. per comparison (0 disables)."""
+    min_score_gap: float = 0.0
+    """A rated group compares two responses only when their scores differ by more than this (0: every untied
+    pair). Groups given as a ranking, and pairs, compare every ordered pair."""
 
 
 @dataclass
@@ -254,6 +259,7 @@ class Config:
             ("train.epochs", self.train.epochs > 0 or self.train.max_steps, "must be > 0 unless max_steps is set"),
             ("checkpoint.keep_last", self.checkpoint.keep_last >= 1, "must be >= 1"),
             ("train.loss.kind", self.train.loss.kind in OBJECTIVES, f"must be one of {sorted(OBJECTIVES)}"),
+            ("train.loss.min_score_gap", self.train.loss.min_score_gap >= 0, "must be >= 0"),
             ("model.lora.r", self.model.lora.r >= 0, "must be >= 0"),
             ("model.lora.load_in_4bit", not self.model.lora.load_in_4bit or self.model.lora.r > 0,
              "needs model.lora.r > 0"),
