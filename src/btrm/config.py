@@ -81,12 +81,14 @@ class SourceConfig:
     """Read at most this many raw rows (None = all)."""
     swap: bool = False
     """Exchange chosen and rejected (e.g. recycled pairs of the Skywork 40M recipe)."""
-    format: Literal["auto", "messages", "strings", "prompt_messages"] = "auto"
+    format: Literal["auto", "messages", "strings", "prompt_messages", "group"] = "auto"
     """Row layout: messages = chosen/rejected message lists; strings = prompt/chosen/rejected strings;
-    prompt_messages = prompt message list + chosen/rejected strings. auto detects per row."""
+    prompt_messages = prompt message list + chosen/rejected strings; group = prompt + K >= 2 responses + scores
+    or ranking (docs/design.md). auto detects per row (a `responses` column makes a group row)."""
     columns: dict[str, str] = field(default_factory=dict)
     """Column renames, ours -> theirs, e.g. {chosen: response_a}. Our names: prompt, chosen, rejected, margin,
-    source, category."""
+    source, category; for groups responses, scores, ranking. `a[].b` reads field b of each element of list
+    column a, e.g. {responses: "completions[].response"}."""
 
 
 @dataclass
