@@ -307,12 +307,13 @@ def _lookup(row: dict, path: str, origin: str) -> Any:
     return [_lookup(x, rest, origin) if isinstance(x, dict) else None for x in value]
 
 
-def normalize_group(row: dict, src: SourceConfig, origin: str, name: str) -> Group:
+def normalize_group(row: dict, src: SourceConfig, origin: str, name: str, scoring: bool = False) -> Group:
     """A group row -> a validated Group (responses best first), or BadRow naming the field.
 
     `prompt` (a string or a message list) and `responses` (each a string, or the message list that follows the
     prompt), plus exactly one label: `scores` (numbers, higher is better, ties allowed) or `ranking` (response
-    indices, best first)."""
+    indices, best first). `scoring` (btrm score): the label is optional and the responses keep their input order
+    (`scores` then in that order, None without scores)."""
     col = {k: src.columns.get(k, k) for k in ("prompt", "responses", "scores", "ranking", "margin", "source",
                                                  "category")}
     get = {k: _lookup(row, c, origin) for k, c in col.items()}
@@ -340,6 +341,8 @@ def normalize_group(row: dict, src: SourceConfig, origin: str, name: str) -> Gro
             raise BadRow("duplicate_response", fld, "the same text as an earlier response", origin)
         convs.append(prompt + turns)
     scores, ranking = get["scores"], get["ranking"]
+    if scoring and scores is None and ranking is None:
+        return Group(convs, None, None, name, None, origin)
     if (scores is None) == (ranking is None):
         raise BadRow("missing_field" if scores is None else "two_labels", col["scores"],
                      f"exactly one of {col['scores']!r} / {col['ranking']!r} is needed", origin)
@@ -355,10 +358,12 @@ def normalize_group(row: dict, src: SourceConfig, origin: str, name: str) -> Gro
         if len(set(scores)) == 1:
             raise BadRow("all_tied", label, f"every response scores {scores[0]}", origin)
         order = sorted(range(len(convs)), key=lambda i: -scores[i])  # stable: tied responses keep their order
+        order = list(range(len(convs))) if scoring else order
     else:
         if sorted(v if isinstance(v, int) and not isinstance(v, bool) else -1 for v in ranking) != list(range(len(convs))):
             raise BadRow("bad_ranking", label, f"{ranking!r} is not a permutation of 0..{len(convs) - 1}", origin)
-        order = list(ranking)
+        order = list(range(len(convs))) if scoring else list(ranking)
+        scores = [-float(ranking.index(i)) for i in range(len(convs))] if scoring else None
     margin = get["margin"]
     if margin is not None:
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
