@@ -102,3 +102,18 @@ def test_synthetic_groups_are_valid_rows(tmp_path, tok):
     assert all(len(r["responses"]) == 4 and sorted(r["scores"]) == [0, 1, 2, 3] for r in rows)
     data = prepare_data(_cfg(tmp_path, write_jsonl(tmp_path / "s.jsonl", rows)), tok, use_cache=False)
     assert len(data.train) == 40 and data.report["train"]["skipped"] == {}
+
+
+def test_nested_columns_and_pair_only_commands(tmp_path):
+    from btrm.config import SourceConfig as Src
+    from btrm.data.sources import DataReport, normalize_row, validate_rows
+
+    row = {"instruction": "Q?", "completions": [{"response": "a", "rating": 2}, {"response": "b", "rating": 5}]}
+    src = Src(path="x", columns={"prompt": "instruction", "responses": "completions[].response",
+                                 "scores": "completions[].rating"})
+    group = normalize_row(row, src, "f:1", "uf")
+    assert [c[-1]["content"] for c in group.responses] == ["b", "a"] and group.scores == [5.0, 2.0]
+    # `btrm data` and calibration read pairs: a group row is a counted skip there, not a crash
+    report = DataReport()
+    assert list(validate_rows(src, [("f:1", row)], report)) == []
+    assert report.skipped["x"] == {"group_row": 1}
