@@ -1,12 +1,14 @@
 """Training objectives: the rewards of a packed batch -> a summed loss and metric sums, from one table.
 
-An objective is built from `train.loss` (`build_objective`, by `train.loss.kind`) and has two parts:
-  loss(rewards, batch) -> (loss_sum, metric_sums): the SUM over the batch's items of per-item losses, and metric
-      sums (tensors) with the same keys for every batch. The trainer divides the loss by the step's global item
-      count, so every item weighs the same however it was packed, and adds the metric sums over micro-batches and
-      ranks before `finalize` turns them into what is logged.
+An objective is built from `train.loss` (`build_objective`, by `train.loss.kind`) and has three parts:
+  loss(rewards, batch) -> (loss_sum, metric_sums): the SUM over the batch's comparisons (or terms) of their
+      losses, and metric sums (tensors) with the same keys for every batch. The trainer divides the loss by the
+      step's global `units` count, so every comparison weighs the same however it was packed, and adds the metric
+      sums over micro-batches and ranks before `finalize` turns them into what is logged.
   finalize(sums) -> metrics: reduced sums -> means, stds, counts.
-Rewards are read through the batch's item layout (`PackedBatch.at_rank`, `best_wins`), never by position in the row.
+  units(batch) -> the batch's comparisons (terms): what the step's loss is divided by (a pair counts 1).
+Rewards are read through the batch's item layout (`comparisons`, `PackedBatch.at_rank`), never by position in the
+row. Pairs and ranked groups of K responses (docs/design.md, "Ranked groups") share that layout.
 
 To add an objective: a builder `f(cfg: LossConfig) -> Objective` in this module, its line in `OBJECTIVES`, and
 its hand-computed test in tests/core/test_loss.py (docs/architecture.md).
@@ -83,7 +85,7 @@ def finalize_metrics(sums: dict[str, float]) -> dict[str, float]:
 
 
 def better_pairs(ranks: list[int], scores: list[float], min_gap: float = 0.0) -> list[tuple[int, int]]:
-    """(i, j) local sequence indices of one item where i is preferred to j, i before j in row order.
+    """(i, j) local sequence indices of one item where i is preferred to j, in row order of i then j.
 
     A rated item (finite scores) prefers i when its score exceeds j's by more than `min_gap`, so ties and near-ties
     compare nothing; an item without scores (a pair, a ranking) prefers the lower rank. A pair gives [(0, 1)] when
@@ -111,8 +113,8 @@ def comparisons(batch: PackedBatch, min_gap: float = 0.0) -> tuple[torch.Tensor,
 
 
 def group_metric_sums(rewards: torch.Tensor, batch: PackedBatch) -> dict[str, torch.Tensor]:
-    """Per-item ranking metrics as sums over items (eval): `top1` - the best response (any of the best, under a
-    tie of scores) out-scores every other response strictly; `kendall_tau` - (concordant - discordant) / ordered
+    """Per-item ranking metrics as sums over items (eval): `top1` - the highest reward among the best responses
+    (several under a tie of scores at the top) exceeds every other response's; `kendall_tau` - (concordant - discordant) / ordered
     pairs, over the pairs the labels order (tau-a over those pairs; a predicted tie counts 0). A pair's top1 is its
     accuracy and its tau is +-1. `groups` counts the items."""
     r = rewards.detach().float().cpu().tolist()
