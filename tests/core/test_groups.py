@@ -117,3 +117,39 @@ def test_nested_columns_and_pair_only_commands(tmp_path):
     report = DataReport()
     assert list(validate_rows(src, [("f:1", row)], report)) == []
     assert report.skipped["x"] == {"group_row": 1}
+
+
+def test_group_through_the_model_equals_its_comparisons_as_pairs(tiny_llama_dir, tok):
+    """A real packed forward/backward under bt_pairs: 2 groups of 4 (one with a tie) as 2 items vs their 11
+    comparisons as 11 pair items. Same loss and gradients (<= 1e-5), fewer tokens."""
+    from btrm.attention import SEGMENT
+    from btrm.config import LossConfig
+    from btrm.data.packing import collate, collate_pairs
+    from btrm.loss import build_objective, comparisons
+    from btrm.modeling import load_reward_model, packed_rewards
+
+    model = load_reward_model(str(tiny_llama_dir), tok, attn_implementation=SEGMENT, seed=3, head_init_std=1.0)
+    rows = make_group_rows(2, seed=5)
+    rows[1]["scores"] = [2, 2, 1, 0]  # a tie: 5 comparisons
+    items, scores = [], []
+    for r in rows:
+        order = sorted(range(4), key=lambda i: -r["scores"][i])
+        items.append([render_ids(tok, [{"role": "user", "content": r["prompt"]},
+                                       {"role": "assistant", "content": r["responses"][i]}]) for i in order])
+        scores.append([float(r["scores"][i]) for i in order])
+    group = collate(items, scores=scores, share=True)
+    w, l, _ = comparisons(group)
+    seqs = [s for item in items for s in item]
+    flat = collate_pairs([seqs[i] for i in w.tolist()], [seqs[j] for j in l.tolist()], share=True)
+    assert len(w) == 11 and group.num_tokens < flat.num_tokens
+
+    def run(batch, objective):
+        model.zero_grad(set_to_none=True)
+        loss = objective.loss(packed_rewards(model, batch), batch)[0] / objective.units(batch)
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    obj = build_objective(LossConfig(kind="bt_pairs"))
+    (got, g_got), (want, g_want) = run(group, obj), run(flat, obj)
+    assert abs(got - want) <= 1e-5
+    assert g_got.keys() == g_want.keys() and max((g_got[n] - g_want[n]).abs().max().item() for n in g_got) <= 1e-5
