@@ -120,10 +120,10 @@ class DataConfig:
     nodes sharing a file system still build once, under the cache's file lock); shared = global rank 0 only, the
     others wait for its files (for a shared file system without flock)."""
     share_prompt: bool = True
-    """Pack the prompt a pair's chosen and rejected share once, both responses continuing from it: fewer tokens,
-    the same rewards, loss and gradients. Needs the segment, varlen, sdpa or eager attention (flash_attention_2
-    packs pairs whole). The token budget `max_tokens` counts the prompt once; which pairs are over-long does not
-    change."""
+    """Pack the prompt a pair's chosen and rejected (a group's K responses) share once, each response continuing
+    from it: fewer tokens, the same rewards, loss and gradients. Needs the segment, varlen, sdpa or eager attention
+    (flash_attention_2 packs pairs whole). The token budget `max_tokens` counts the prompt once; which pairs are
+    over-long does not change."""
     shuffle: bool = True
     """Shuffle pairs each epoch (seeded)."""
 
