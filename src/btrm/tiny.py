@@ -454,7 +454,8 @@ def make_preference_rows(n: int, seed: int = 0) -> list[dict]:
 
 def _group(rng: random.Random, k: int, kind: str) -> tuple[str, list[str], list[int]]:
     """(prompt, k responses, scores): each response is 3 clauses, `score` of them doing what the prompt asks
-    (the case it asks for, or a polite opener), so responses are about equally long whatever their score."""
+    (the case it asks for, or a polite opener). Case clauses do not depend on the score in length; polite openers
+    run longer than rude ones, so length alone picks the best response about half the time (BENCHMARKS.md)."""
     if kind == "tiny-case":
         upper, topic = rng.random() < 0.5, rng.choice(_WORDS["topics"])
         user = f"Reply in {'UPPERCASE' if upper else 'lowercase'}. Tell me about {topic}."
@@ -480,7 +481,7 @@ def _group(rng: random.Random, k: int, kind: str) -> tuple[str, list[str], list[
 
 def make_group_rows(n: int, seed: int = 0, k: int = 4) -> list[dict]:
     """``n`` rated group rows ``{"prompt", "responses": k strings, "scores": k ints, "source"}`` (k <= 4, scores
-    distinct, 0-3 clauses of 3 right), kinds alternating case and tone. Top-1 by chance is 1/k."""
+    distinct: how many of 3 clauses are right), kinds alternating case and tone. Top-1 by chance is 1/k."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
