@@ -114,9 +114,11 @@ def comparisons(batch: PackedBatch, min_gap: float = 0.0) -> tuple[torch.Tensor,
 
 def group_metric_sums(rewards: torch.Tensor, batch: PackedBatch) -> dict[str, torch.Tensor]:
     """Per-item ranking metrics as sums over items (eval): `top1` - the highest reward among the best responses
-    (several under a tie of scores at the top) exceeds every other response's; `kendall_tau` - (concordant - discordant) / ordered
-    pairs, over the pairs the labels order (tau-a over those pairs; a predicted tie counts 0). A pair's top1 is its
-    accuracy and its tau is +-1. `groups` counts the items."""
+    (several under a tie of scores at the top) exceeds every other response's; `kendall_tau` - (concordant -
+    discordant) / ordered pairs, over the pairs the labels order (tau-a over those pairs; a predicted tie counts
+    0). A pair's top1 is its accuracy and its tau is +-1. `groups` counts the items; `responses`, `reward` and
+    `reward_sq` sum over every sequence once (calibration: a group's response is in several comparisons, so the
+    per-comparison reward means would weight it more)."""
     r = rewards.detach().float().cpu().tolist()
     off, ranks = batch.item_offsets.tolist(), batch.ranks.tolist()
     scores = batch.scores.tolist() if len(batch.scores) else [math.nan] * len(ranks)
@@ -131,7 +133,8 @@ def group_metric_sums(rewards: torch.Tensor, batch: PackedBatch) -> dict[str, to
         if pairs:
             tau += sum((r[a + i] > r[a + j]) - (r[a + i] < r[a + j]) for i, j in pairs) / len(pairs)
     return {"groups": torch.tensor(float(batch.n_items)), "top1": torch.tensor(top1),
-            "kendall_tau": torch.tensor(tau)}
+            "kendall_tau": torch.tensor(tau), "responses": torch.tensor(float(len(r))),
+            "reward": torch.tensor(math.fsum(r)), "reward_sq": torch.tensor(math.fsum(x * x for x in r))}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

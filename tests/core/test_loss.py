@@ -171,4 +171,5 @@ def test_group_metrics():
     # item 2: either tied best wins: 7 > 8 > 6: top1 right, tau (1 - 1) / 2 = 0
     r = torch.tensor([3.0, 1.0, 2.0, 0.0, 1.0, 0.0, 2.0, 1.0])
     s = {k: v.item() for k, v in group_metric_sums(r, batch).items()}
-    assert s == pytest.approx({"groups": 3, "top1": 2, "kendall_tau": 1 / 3 - 1 + 0})
+    assert s == pytest.approx({"groups": 3, "top1": 2, "kendall_tau": 1 / 3 - 1 + 0, "responses": 8, "reward": 10,
+                               "reward_sq": 20})

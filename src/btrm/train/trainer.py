@@ -256,7 +256,8 @@ class Trainer:
                 continue
             _add(ranking, group_metric_sums(rewards, batch))
             lengths = torch.tensor(ev.seq_lengths(mb), dtype=torch.float)
-            _add(ranking, {f"length_{k}": v for k, v in group_metric_sums(lengths, batch).items() if k != "groups"})
+            _add(ranking, {f"length_{k}": v for k, v in group_metric_sums(lengths, batch).items()
+                           if k in ("top1", "kendall_tau")})
             for ok, src, cat in zip(batch.best_wins(rewards).tolist(), batch.sources, batch.categories):
                 for key in (f"source/{src}",) + ((f"category/{cat}",) if cat is not None else ()):
                     g = groups.setdefault(key, [0.0, 0.0])
@@ -271,11 +272,13 @@ class Trainer:
                 m[0] += a
                 m[1] += n
         out = {f"eval/{k}": v for k, v in total.items()}
-        keys = ["groups", "top1", "kendall_tau", "length_top1", "length_kendall_tau"]
+        keys = ["groups", "top1", "kendall_tau", "length_top1", "length_kendall_tau", "responses", "reward",
+                "reward_sq"]
         rk = dict(zip(keys, d.sum([ranking.get(k, 0.0) for k in keys])))
-        n = max(rk["groups"], 1.0)
+        n, m = max(rk["groups"], 1.0), max(rk["responses"], 1.0)
         out.update({"eval/top1_accuracy": rk["top1"] / n, "eval/kendall_tau": rk["kendall_tau"] / n,
-                    "eval/groups": rk["groups"]})
+                    "eval/groups": rk["groups"], "eval/responses": rk["responses"], "eval/reward_mean": rk["reward"] / m,
+                    "eval/reward_std": max(rk["reward_sq"] / m - (rk["reward"] / m) ** 2, 0.0) ** 0.5})
         # Length baseline on the same items: the longer response is the better one (a tie counts wrong). For pairs
         # its top-1 is how often the longer response is the chosen one.
         out["eval/longer_wins_accuracy"] = rk["length_top1"] / n
