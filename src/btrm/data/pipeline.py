@@ -33,8 +33,7 @@ from typing import Iterator
 import numpy as np
 
 from btrm.config import DataConfig, SourceConfig
-from btrm.data.dataset import (PreparedData, TokenizedPairs, cache_root, fit_group, fit_pair, is_heldout,
-                               pair_hash)
+from btrm.data.dataset import PreparedData, TokenizedPairs, cache_root, fit_group, is_heldout, pair_hash
 from btrm.data.sources import (BadRow, DataReport, check_columns, iter_raw_rows, normalize_row, parse_row,
                                source_files, source_name)
 from btrm.data.pairs import Group
@@ -91,10 +90,7 @@ def _convert_batch(batch, sources, names, tokenizer, kwargs, max_length, max_tok
         # the raw texts differ (normalize_row checked), but the template may trim the difference away
         if len({tuple(x) for x in ids}) < len(ids):
             kept, ids, status = None, None, IDENTICAL
-        elif len(ids) == 2:  # a pair: the over-long policy as it always was
-            c, r, status = fit_pair(ids[0], ids[1], max_length, max_tokens, policy, bos)
-            kept, ids = ([0, 1], [c, r]) if c is not None else (None, None)
-        else:
+        else:  # a pair fits as it always did (`fit_pair`); a group may first drop responses
             kept, ids, status = fit_group(ids, scores, max_length, max_tokens, policy, bos)
         out["status"][i] = status
         if ids is None:
