@@ -84,7 +84,8 @@ def main() -> None:
     print("| layout | items | tokens computed | tokens vs group | step s | time vs group |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, batch in batches.items():
-        print(f"| {name} | {batch.n_items} | {batch.num_tokens:,} | {batch.num_tokens / batches['group'].num_tokens:.2f}x "
+        ratio = batch.num_tokens / batches["group"].num_tokens
+        print(f"| {name} | {batch.n_items} | {batch.num_tokens:,} | {ratio:.2f}x "
               f"| {t[name]:.3f} | {t[name] / t['group']:.2f}x |")
     print("max |loss - group loss|: " + ", ".join(f"{n} {abs(losses[n] - losses['group']):.1e}" for n in batches)
           + "; max |score-head grad - group's|: "

@@ -1,9 +1,9 @@
 """Item-aware token-budget packing (an item is a pair, or a ranked group of responses).
 
-A step's items are packed whole (a pair's chosen and rejected, a group's responses, together) into bins of at most `max_tokens` tokens by
-best-fit decreasing, then the bins are dealt to ranks so that every rank runs the same number of micro-steps with
-balanced token loads. A packed micro-batch is one row: sequences concatenated, `position_ids` restarting at 0
-for each, and each sequence's end index, where its reward is read.
+A step's items are packed whole (a pair's chosen and rejected, a group's responses, together) into bins of at most
+`max_tokens` tokens by best-fit decreasing, then the bins are dealt to ranks so that every rank runs the same
+number of micro-steps with balanced token loads. A packed micro-batch is one row: sequences concatenated,
+`position_ids` restarting at 0 for each, and each sequence's end index, where its reward is read.
 """
 
 from __future__ import annotations

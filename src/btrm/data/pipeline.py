@@ -67,7 +67,8 @@ def _convert_batch(batch, sources, names, tokenizer, kwargs, max_length, max_tok
     out = {"margin": [None] * n, "source": [None] * n, "category": [None] * n, "chosen_ids": [[]] * n,
            "rejected_ids": [[]] * n, "more_ids": [[]] * n, "scores": [[]] * n, "seq_lens": [[]] * n,
            "status": [STATUS_SKIP] * n, "num_tokens": [0] * n, "chosen_len": [0] * n,
-           "prefix_len": [0] * n, "heldout": [False] * n, "skip_reason": [None] * n, "skip_field": [None] * n, "skip_detail": [None] * n}
+           "prefix_len": [0] * n, "heldout": [False] * n, "skip_reason": [None] * n, "skip_field": [None] * n,
+           "skip_detail": [None] * n}
     keep, items = [], []
     for i, (k, origin, raw) in enumerate(zip(batch["src"], batch["origin"], batch["raw"])):
         try:

@@ -360,7 +360,8 @@ def normalize_group(row: dict, src: SourceConfig, origin: str, name: str, scorin
         order = sorted(range(len(convs)), key=lambda i: -scores[i])  # stable: tied responses keep their order
         order = list(range(len(convs))) if scoring else order
     else:
-        if sorted(v if isinstance(v, int) and not isinstance(v, bool) else -1 for v in ranking) != list(range(len(convs))):
+        as_index = (v if isinstance(v, int) and not isinstance(v, bool) else -1 for v in ranking)
+        if sorted(as_index) != list(range(len(convs))):
             raise BadRow("bad_ranking", label, f"{ranking!r} is not a permutation of 0..{len(convs) - 1}", origin)
         order = list(range(len(convs))) if scoring else list(ranking)
         scores = [-float(ranking.index(i)) for i in range(len(convs))] if scoring else None

@@ -4,8 +4,9 @@ Input rows (jsonl, or any file the trainer reads: json / parquet / arrow):
   conversation  {"messages": [...]} or {"conversation": [...]}  -> {"row", "id"?, "reward"}
   pair          any row format the trainer accepts             -> {"row", "id"?, "chosen", "rejected", "preferred"}
   group         {"prompt", "responses": [...], scores / ranking optional}
-                                                               -> {"row", "id"?, "rewards", "ranking"}
-                (`rewards` in input order; `ranking`: response indices by reward, best first, ties in input order)
+                                                               -> {"row", "id"?, "rewards", "ranking", "top1_correct"?}
+                (`rewards` in input order; `ranking`: response indices by reward, best first, ties in input order;
+                `top1_correct` when the row has labels: its highest reward is a best response)
 One output line per input row (blank lines are not rows), in order; `row` is the 0-based input row, `id` is copied
 when the input has one. With --skip-bad a bad row gets {"row", "error"} instead, so counts stay aligned. An existing
 output is resumed: its rows are skipped in the input (by count) and the file is appended to.

@@ -277,7 +277,8 @@ class Trainer:
         rk = dict(zip(keys, d.sum([ranking.get(k, 0.0) for k in keys])))
         n, m = max(rk["groups"], 1.0), max(rk["responses"], 1.0)
         out.update({"eval/top1_accuracy": rk["top1"] / n, "eval/kendall_tau": rk["kendall_tau"] / n,
-                    "eval/groups": rk["groups"], "eval/responses": rk["responses"], "eval/reward_mean": rk["reward"] / m,
+                    "eval/groups": rk["groups"], "eval/responses": rk["responses"],
+                    "eval/reward_mean": rk["reward"] / m,
                     "eval/reward_std": max(rk["reward_sq"] / m - (rk["reward"] / m) ** 2, 0.0) ** 0.5})
         # Length baseline on the same items: the longer response is the better one (a tie counts wrong). For pairs
         # its top-1 is how often the longer response is the chosen one.
