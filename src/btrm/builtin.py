@@ -1,4 +1,5 @@
-"""Built-in stand-ins that need no network: `tiny:<family>` models and `synthetic:<n>` preference data.
+"""Built-in stand-ins that need no network: `tiny:<family>` models, `synthetic:<n>` preference pairs and
+`synthetic-groups:<n>` rated groups of 4 responses.
 
 They make the quickstart and tests self-contained. The real loading code (Hub ids, local paths) is unchanged:
 a built-in reference is materialised once into `data.cache_dir` and then loaded from that local path.
@@ -16,6 +17,7 @@ log = logging.getLogger(__name__)
 
 TINY_PREFIX = "tiny:"
 SYNTHETIC_PREFIX = "synthetic:"
+GROUPS_PREFIX = "synthetic-groups:"
 
 
 def resolve_builtins(cfg: Config, is_main: bool, barrier) -> Config:
@@ -23,7 +25,7 @@ def resolve_builtins(cfg: Config, is_main: bool, barrier) -> Config:
     from btrm import tiny
 
     if not cfg.model.name_or_path.startswith(TINY_PREFIX) and not any(
-            s.path.startswith(SYNTHETIC_PREFIX) for s in cfg.data.sources + cfg.data.eval_sources):
+            s.path.startswith((SYNTHETIC_PREFIX, GROUPS_PREFIX)) for s in cfg.data.sources + cfg.data.eval_sources):
         return cfg
     cfg = copy.deepcopy(cfg)
     root = Path(cfg.data.cache_dir) / "builtin" / f"v{tiny.BUILTIN_VERSION}"  # a new generator never reuses old files
@@ -40,6 +42,13 @@ def resolve_builtins(cfg: Config, is_main: bool, barrier) -> Config:
             path = root / f"synthetic-{n}-{seed or 0}.jsonl"
             todo.append((path, lambda p=path, n=int(n), s=int(seed or 0): tiny.write_preference_jsonl(p, n, s)))
             src.name = src.name or "synthetic"
+            src.path = str(path)
+        elif src.path.startswith(GROUPS_PREFIX):
+            n, _, seed = src.path[len(GROUPS_PREFIX):].partition(":")
+            path = root / f"synthetic-groups-{n}-{seed or 0}.jsonl"
+            todo.append((path, lambda p=path, n=int(n), s=int(seed or 0): tiny.write_jsonl(
+                p, tiny.make_group_rows(n, s))))
+            src.name = src.name or "synthetic-groups"
             src.path = str(path)
     if is_main:
         for path, build in todo:

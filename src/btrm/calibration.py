@@ -35,8 +35,12 @@ def stats(rewards: Sequence[float], source: str) -> dict:
 
 
 def from_eval_metrics(metrics: dict, source: str) -> dict | None:
-    """Stats of all held-out rewards (both sides) from the trainer's eval metrics (per-side means and stds over the
-    same pairs); None when there was no held-out data."""
+    """Stats of all held-out rewards (both sides) from the trainer's eval metrics: every held-out response once
+    (`eval/responses`, which groups need), else per-side means and stds over the same pairs; None when there was
+    no held-out data."""
+    if metrics.get("eval/responses"):
+        return {"mean": metrics["eval/reward_mean"], "std": metrics["eval/reward_std"],
+                "n": int(metrics["eval/responses"]), "source": source}
     n = metrics.get("eval/pairs", 0)
     if not n:
         return None

@@ -81,12 +81,14 @@ class SourceConfig:
     """Read at most this many raw rows (None = all)."""
     swap: bool = False
     """Exchange chosen and rejected (e.g. recycled pairs of the Skywork 40M recipe)."""
-    format: Literal["auto", "messages", "strings", "prompt_messages"] = "auto"
+    format: Literal["auto", "messages", "strings", "prompt_messages", "group"] = "auto"
     """Row layout: messages = chosen/rejected message lists; strings = prompt/chosen/rejected strings;
-    prompt_messages = prompt message list + chosen/rejected strings. auto detects per row."""
+    prompt_messages = prompt message list + chosen/rejected strings; group = prompt + K >= 2 responses + scores
+    or ranking (docs/design.md). auto detects per row (a `responses` column makes a group row)."""
     columns: dict[str, str] = field(default_factory=dict)
     """Column renames, ours -> theirs, e.g. {chosen: response_a}. Our names: prompt, chosen, rejected, margin,
-    source, category."""
+    source, category; for groups responses, scores, ranking. `a[].b` reads field b of each element of list
+    column a, e.g. {responses: "completions[].response"}."""
 
 
 @dataclass
@@ -118,9 +120,9 @@ class DataConfig:
     nodes sharing a file system still build once, under the cache's file lock); shared = global rank 0 only, the
     others wait for its files (for a shared file system without flock)."""
     share_prompt: bool = True
-    """Pack the prompt a pair's chosen and rejected share once, both responses continuing from it: fewer tokens,
-    the same rewards, loss and gradients, with every attention backend. The token budget `max_tokens` counts the
-    prompt once; which pairs are over-long does not change."""
+    """Pack the prompt a pair's chosen and rejected (a group's K responses) share once, each response continuing
+    from it: fewer tokens, the same rewards, loss and gradients, with every attention backend. The token budget
+    `max_tokens` counts the prompt once; which pairs are over-long does not change."""
     shuffle: bool = True
     """Shuffle pairs each epoch (seeded)."""
 
@@ -151,12 +153,17 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = "bt"
-    """Objective, a name in btrm.loss.OBJECTIVES: bt = Bradley-Terry over pairs, -logsigmoid(r_c - r_r)."""
+    kind: str = "bt_pairs"
+    """Objective, a name in btrm.loss.OBJECTIVES: bt_pairs = Bradley-Terry, -logsigmoid(r_w - r_l), over every
+    ordered pair of responses an item orders (a pair: its one comparison; `bt` is its old name); plackett_luce =
+    the listwise likelihood of a group's ranking (ties: docs/design.md). Both equal plain BT on pairs."""
     margin: bool = False
-    """Use the per-pair `margin` column: -logsigmoid(r_c - r_r - margin)."""
+    """Use the per-pair `margin` column: -logsigmoid(r_c - r_r - margin), for each comparison of the item."""
     center_coef: float = 0.0
-    """Reward centering: + coef * (r_c + r_r)^2 per pair (0 disables)."""
+    """Reward centering: + coef * (r_c + r_r)^2 per pair, i.e. per comparison (0 disables)."""
+    min_score_gap: float = 0.0
+    """A rated group compares two responses only when their scores differ by more than this (0: every untied
+    pair). Groups given as a ranking, and pairs, compare every ordered pair."""
 
 
 @dataclass
@@ -253,6 +260,7 @@ class Config:
             ("train.epochs", self.train.epochs > 0 or self.train.max_steps, "must be > 0 unless max_steps is set"),
             ("checkpoint.keep_last", self.checkpoint.keep_last >= 1, "must be >= 1"),
             ("train.loss.kind", self.train.loss.kind in OBJECTIVES, f"must be one of {sorted(OBJECTIVES)}"),
+            ("train.loss.min_score_gap", self.train.loss.min_score_gap >= 0, "must be >= 0"),
             ("model.lora.r", self.model.lora.r >= 0, "must be >= 0"),
             ("model.lora.load_in_4bit", not self.model.lora.load_in_4bit or self.model.lora.r > 0,
              "needs model.lora.r > 0"),

@@ -452,6 +452,54 @@ def make_preference_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def _group(rng: random.Random, k: int, kind: str) -> tuple[str, list[str], list[int]]:
+    """(prompt, k responses, scores): each response is 3 clauses, `score` of them doing what the prompt asks
+    (the case it asks for, or a polite opener). Case clauses do not depend on the score in length; polite openers
+    run longer than rude ones, so length alone picks the best response about half the time (BENCHMARKS.md)."""
+    if kind == "tiny-case":
+        upper, topic = rng.random() < 0.5, rng.choice(_WORDS["topics"])
+        user = f"Reply in {'UPPERCASE' if upper else 'lowercase'}. Tell me about {topic}."
+
+        def clause(right: bool) -> str:
+            a, b = rng.sample(_WORDS["adjectives"], 2)
+            text = rng.choice(_WORDS["case_templates"]).format(t=topic, a=a, b=b)
+            return text.upper() if upper == right else text.lower()
+    else:
+        task = rng.choice(_WORDS["tasks"])
+        user = f"Can you help me with {task}?"
+
+        def clause(right: bool) -> str:
+            return _capitalize(rng.choice(_WORDS["polite" if right else "rude"]).format(x=task))
+    scores = rng.sample(range(4), k)
+    responses = []
+    for sc in scores:
+        right = [True] * sc + [False] * (3 - sc)
+        rng.shuffle(right)
+        responses.append(" ".join(clause(r) for r in right))
+    return user, responses, scores
+
+
+def make_group_rows(n: int, seed: int = 0, k: int = 4) -> list[dict]:
+    """``n`` rated group rows ``{"prompt", "responses": k strings, "scores": k ints, "source"}`` (k <= 4, scores
+    distinct: how many of 3 clauses are right), kinds alternating case and tone. Top-1 by chance is 1/k."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        kind = ("tiny-case", "tiny-tone")[i % 2]
+        user, responses, scores = _group(rng, k, kind)
+        rows.append({"prompt": user, "responses": responses, "scores": scores, "source": kind})
+    return rows
+
+
+def write_jsonl(path, rows: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
 def write_preference_jsonl(path, n: int, seed: int = 0) -> Path:
     """Write ``make_preference_rows(n, seed)`` to ``path`` as jsonl; returns the path."""
     path = Path(path)

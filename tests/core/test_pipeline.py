@@ -55,7 +55,8 @@ def list_based(cfg, tok, seed):
             if status == "truncated":
                 rep.overlong_truncated[p.source] += 1
             rows.append({"margin": p.margin, "source": p.source, "category": p.category, "origin": p.origin,
-                         "chosen_ids": c, "rejected_ids": r, "status": status, "num_tokens": len(c) + len(r),
+                         "chosen_ids": c, "rejected_ids": r, "more_ids": [], "scores": [],  # pairs: no more
+                         "seq_lens": [len(c), len(r)], "status": status, "num_tokens": len(c) + len(r),
                          "chosen_len": len(c), "prefix_len": shared_prefix_len([c, r])})
         return rows
 

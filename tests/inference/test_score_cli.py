@@ -170,3 +170,30 @@ def test_resume_gives_identical_output_in_bf16(rm_dirs, tmp_path, monkeypatch):
         assert score(rm_dirs["qwen3"], inp, cut, *args) == 0
         assert forwards == want[k // 16:]
         assert cut.read_text() == full.read_text()
+
+
+def test_group_rows(rm_dirs, local, tmp_path, capsys):
+    from btrm.tiny import make_group_rows
+
+    rows = make_group_rows(5, seed=4)
+    rows[1] = {"prompt": rows[1]["prompt"], "responses": rows[1]["responses"][:3]}  # no labels: just ranked
+    rows[2] = {"prompt": rows[2]["prompt"], "responses": rows[2]["responses"], "ranking": [3, 1, 0, 2], "id": "g2"}
+    inp = write_jsonl(tmp_path / "groups.jsonl", [*rows, make_preference_rows(1)[0]])
+    out = tmp_path / "scores.jsonl"
+    assert score(rm_dirs["qwen3"], inp, out) == 0
+    got = read_jsonl(out)
+    assert got[2]["id"] == "g2" and "chosen" in got[5]
+    labelled = 0
+    for row, rec in zip(rows, got):
+        convs = [[{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": r}]
+                 for r in row["responses"]]
+        want = local.score(convs)  # input order
+        assert rec["rewards"] == pytest.approx(want, abs=1e-5)
+        assert rec["ranking"] == sorted(range(len(want)), key=lambda i: -want[i])
+        assert ("top1_correct" in rec) == ("scores" in row or "ranking" in row)
+        if "scores" in row:
+            assert rec["top1_correct"] == (row["scores"][rec["ranking"][0]] == 3)
+        if "ranking" in row:
+            assert rec["top1_correct"] == (rec["ranking"][0] == 3)
+        labelled += "top1_correct" in rec
+    assert labelled == 4 and "groups 5" in capsys.readouterr().out

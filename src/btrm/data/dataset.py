@@ -15,14 +15,15 @@ from typing import Any
 import numpy as np
 
 from btrm.config import DataConfig, SourceConfig
-from btrm.data.packing import collate_pairs, plan_step
+from btrm.data.packing import collate, plan_step
 from btrm.data.prefix import MIN_PREFIX, common_prefix_len
 from btrm.data.sources import source_files
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 4  # bump when tokenization or the cache layout changes (2: pairs rendering to the same ids dropped;
-# 3: written by btrm.data.pipeline: int32 ids, .npy token counts; 4: prefix_len, the prompt a pair shares)
+CACHE_VERSION = 5  # bump when tokenization or the cache layout changes (2: pairs rendering to the same ids dropped;
+# 3: written by btrm.data.pipeline: int32 ids, .npy token counts; 4: prefix_len, the prompt a pair shares;
+# 5: ranked groups: more_ids, scores, seq_lens)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -42,22 +43,49 @@ def cut_prompt_left(seqs: list[list[int]], prompt_len: int, need: int, bos_id: i
 def fit_pair(c: list[int], r: list[int], max_length: int, max_tokens: int, policy: str, bos_id: int | None):
     """(chosen, rejected, status) with status ok | truncated | dropped. Only shared prompt tokens are ever cut,
     from the left (after a leading BOS); the responses, and so the reward tokens, stay whole."""
-    if len(c) <= max_length and len(r) <= max_length and len(c) + len(r) <= max_tokens:
-        return c, r, "ok"
+    seqs, status = fit_seqs([c, r], max_length, max_tokens, policy, bos_id)
+    return (seqs[0], seqs[1], status) if seqs else (None, None, status)
+
+
+def fit_seqs(seqs: list[list[int]], max_length: int, max_tokens: int, policy: str, bos_id: int | None):
+    """(sequences, status) of one item under the over-long policy: every sequence <= max_length and all of them
+    <= max_tokens together (unshared, so the item fits with or without data.share_prompt). Status ok | truncated |
+    dropped (sequences None); the prompt they all share is cut from the left (`truncate_prompt_left`)."""
+    if max(map(len, seqs)) <= max_length and sum(map(len, seqs)) <= max_tokens:
+        return seqs, "ok"
     if policy == "drop":
-        return None, None, "dropped"
-    shared = common_prefix_len(c, r) - 1  # keep at least one shared token before the responses diverge
-    need = max(len(c) - max_length, len(r) - max_length, math.ceil((len(c) + len(r) - max_tokens) / 2), 0)
+        return None, "dropped"
+    shared = min(common_prefix_len(seqs[0], s) for s in seqs[1:]) - 1  # keep >= 1 shared token before the branches
+    need = max(max(map(len, seqs)) - max_length, math.ceil((sum(map(len, seqs)) - max_tokens) / len(seqs)), 0)
     try:
-        c, r = cut_prompt_left([c, r], shared, need, bos_id)
+        seqs = cut_prompt_left(seqs, shared, need, bos_id)
     except ValueError:
+        return None, "dropped"
+    return seqs, "truncated"
+
+
+def fit_group(seqs: list[list[int]], scores: list[float] | None, max_length: int, max_tokens: int, policy: str,
+              bos_id: int | None):
+    """(kept response indices, sequences, status) of a group (best first). While it is over-long and has more than
+    two responses, its longest response is dropped (status `trimmed`, unless still dropped or truncated); what is
+    left then follows the policy like a pair (`fit_seqs`). Responses left all tied: dropped."""
+    keep = list(range(len(seqs)))
+    over = lambda ks: (max(len(seqs[k]) for k in ks) > max_length  # noqa: E731
+                       or sum(len(seqs[k]) for k in ks) > max_tokens)
+    while len(keep) > 2 and over(keep):
+        keep.remove(max(keep, key=lambda k: (len(seqs[k]), k)))
+    if scores is not None and len({scores[k] for k in keep}) == 1:
         return None, None, "dropped"
-    return c, r, "truncated"
+    fitted, status = fit_seqs([seqs[k] for k in keep], max_length, max_tokens, policy, bos_id)
+    if fitted is None:
+        return None, None, status
+    return keep, fitted, "trimmed" if status == "ok" and len(keep) < len(seqs) else status
 
 
-def pair_hash(chosen: list[dict], rejected: list[dict]) -> str:
-    """Stable content hash, independent of which side is chosen (a swapped copy lands on the same side)."""
-    parts = sorted(json.dumps(x, sort_keys=True, ensure_ascii=False) for x in (chosen, rejected))
+def pair_hash(*convs: list[dict]) -> str:
+    """Stable content hash of an item's conversations, independent of their order (a swapped pair lands on the
+    same side of the split as the original)."""
+    parts = sorted(json.dumps(x, sort_keys=True, ensure_ascii=False) for x in convs)
     return hashlib.sha1("\x00".join(parts).encode()).hexdigest()
 
 
@@ -71,10 +99,11 @@ def is_heldout(h: str, fraction: float) -> bool:
 
 @dataclass
 class TokenizedPairs:
-    """Column store of tokenized pairs (an Arrow-backed `datasets.Dataset`).
+    """Column store of tokenized items (an Arrow-backed `datasets.Dataset`): pairs, and ranked groups of K
+    responses. An item's sequences are stored best first: `chosen_ids` (the best), `rejected_ids` (the next),
+    `more_ids` (the rest of a group), with `scores` for a rated group (empty otherwise) and `seq_lens`.
 
-    The trainer reads an item store only through `len`, `sizes`, `seq_lengths` and `batch`; a store of ranked
-    groups would offer the same four (and `batch` would lay its items out with `collate`).
+    The trainer reads an item store only through `len`, `sizes`, `seq_lengths` and `batch`.
     """
 
     ds: Any
@@ -84,7 +113,7 @@ class TokenizedPairs:
 
     @property
     def sizes(self) -> np.ndarray:
-        """Tokens per item (chosen + rejected): what packing budgets."""
+        """Tokens per item (all its sequences): what packing budgets."""
         if not hasattr(self, "_sizes"):
             self._sizes = np.asarray(self.ds["num_tokens"], dtype=np.int64)
         return self._sizes
@@ -97,28 +126,40 @@ class TokenizedPairs:
 
     @property
     def prefix_lengths(self) -> np.ndarray:
-        """Tokens chosen and rejected share from the start (at least one left in each)."""
+        """Tokens all of an item's sequences share from the start (at least one left in each)."""
         if not hasattr(self, "_prefix_len"):
             self._prefix_len = np.asarray(self.ds["prefix_len"], dtype=np.int64)
         return self._prefix_len
 
     def packed_sizes(self, share: bool) -> np.ndarray:
-        """Tokens each pair takes in a packed row: chosen + rejected, less the prompt when it is packed once."""
+        """Tokens each item takes in a packed row: its sequences, less (n - 1) prompts when the prompt is packed
+        once (n = 2 for a pair)."""
         if not share:
             return self.sizes
         p = self.prefix_lengths
-        return self.sizes - np.where(p >= MIN_PREFIX, p, 0)
+        return self.sizes - np.where(p >= MIN_PREFIX, p, 0) * (self.num_seqs - 1)
 
-    def seq_lengths(self, i: int) -> list[int]:
-        """Token counts of item i's sequences in layout order: [chosen, rejected]."""
-        c = int(self.chosen_lengths[i])
-        return [c, int(self.sizes[i]) - c]
+    @property
+    def num_seqs(self) -> np.ndarray:
+        """Sequences per item (2 for a pair)."""
+        if not hasattr(self, "_num_seqs"):
+            import pyarrow.compute as pc
+
+            self._num_seqs = pc.list_value_length(self.ds.data.column("seq_lens")).to_numpy().astype(np.int64)
+        return self._num_seqs
+
+    def seq_lengths(self, indices: list[int]) -> list[int]:
+        """Token counts of these items' sequences in layout order (best first), flattened."""
+        if not indices:
+            return []
+        return [n for lens in self.ds.select_columns(["seq_lens"])[list(indices)]["seq_lens"] for n in lens]
 
     def batch(self, indices: list[int], share: bool = False):
-        """PackedBatch of these pairs, in this order; with `share`, each pair's prompt packed once."""
+        """PackedBatch of these items, in this order; with `share`, each item's prompt packed once."""
         rows = self.ds[indices] if indices else {k: [] for k in self.ds.column_names}
-        return collate_pairs(rows["chosen_ids"], rows["rejected_ids"], item_ids=list(indices), share=share,
-                             margins=rows["margin"], sources=rows["source"], categories=rows["category"])
+        items = [[c, r, *more] for c, r, more in zip(rows["chosen_ids"], rows["rejected_ids"], rows["more_ids"])]
+        return collate(items, scores=rows["scores"], item_ids=list(indices), share=share, margins=rows["margin"],
+                       sources=rows["source"], categories=rows["category"])
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,15 +1,16 @@
-"""Pair-aware token-budget packing.
+"""Item-aware token-budget packing (an item is a pair, or a ranked group of responses).
 
-A step's pairs are packed whole (chosen and rejected together) into bins of at most `max_tokens` tokens by
-best-fit decreasing, then the bins are dealt to ranks so that every rank runs the same number of micro-steps with
-balanced token loads. A packed micro-batch is one row: sequences concatenated, `position_ids` restarting at 0
-for each, and each sequence's end index, where its reward is read.
+A step's items are packed whole (a pair's chosen and rejected, a group's responses, together) into bins of at most
+`max_tokens` tokens by best-fit decreasing, then the bins are dealt to ranks so that every rank runs the same
+number of micro-steps with balanced token loads. A packed micro-batch is one row: sequences concatenated,
+`position_ids` restarting at 0 for each, and each sequence's end index, where its reward is read.
 """
 
 from __future__ import annotations
 
 import bisect
 import heapq
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -139,9 +140,10 @@ class PackedBatch:
 
     Item i owns sequences ``item_offsets[i]:item_offsets[i + 1]`` of the row, and ``ranks`` gives each sequence's
     place in its item's preference order, 0 = best: a pair is [chosen, rejected] with ranks [0, 1]; a ranked
-    group of K responses would have K sequences with ranks 0..K-1. Objectives read rewards through this layout
-    (`at_rank`, `best_wins`), never through positions in the row. A batch without items (the scorer's) only has
-    the row.
+    group of K responses has K sequences with ranks 0..K-1. `scores` gives a rated group's scores (higher is
+    better, ties allowed; NaN for items ordered by rank alone, such as pairs). Objectives read rewards through
+    this layout (`at_rank`, `best_wins`, `btrm.loss.comparisons`), never through positions in the row. A batch
+    without items (the scorer's) only has the row.
 
     With `prefix` set (`collate(..., share=True)`), each item's shared prompt is in the row once
     (`btrm.data.prefix`): `cu_seqlens` then bounds the row's segments (prompts and branches), `prefix` says which
@@ -155,6 +157,7 @@ class PackedBatch:
     margins: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [n_items] float (0 where absent)
     item_offsets: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.long))  # [n_items + 1]
     ranks: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [n_seq], 0 = best
+    scores: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [n_seq] float, NaN = unscored item
     item_ids: list[int] = field(default_factory=list)  # dataset indices of the items
     sources: list[str] = field(default_factory=list)
     categories: list[str | None] = field(default_factory=list)
@@ -209,9 +212,11 @@ def pack_sequences(seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.T
 
 
 def collate(items: Sequence[Sequence[Sequence[int]]], *, ranks: Sequence[Sequence[int]] | None = None,
-            item_ids=None, margins=None, sources=None, categories=None, share: bool = False,
-            min_prefix: int = MIN_PREFIX) -> PackedBatch:
+            scores: Sequence[Sequence[float] | None] | None = None, item_ids=None, margins=None, sources=None,
+            categories=None, share: bool = False, min_prefix: int = MIN_PREFIX) -> PackedBatch:
     """Pack items (each a list of token-id sequences, best first unless `ranks` says otherwise) into one row.
+
+    `scores`: per item, its sequences' scores (a rated group) or None / empty (ordered by rank alone).
 
     `share`: an item's sequences that share a prompt of >= `min_prefix` tokens have it packed once
     (`btrm.data.prefix`); rewards stay in the same order. A row where nothing is shared is a plain row.
@@ -228,7 +233,10 @@ def collate(items: Sequence[Sequence[Sequence[int]]], *, ranks: Sequence[Sequenc
     offsets[1:] = torch.cumsum(counts, 0)
     rank = [r for k, item in enumerate(items) for r in (ranks[k] if ranks is not None else range(len(item)))]
     m = torch.tensor([0.0 if v is None else float(v) for v in (margins or [None] * n)], dtype=torch.float32)
+    score = [float(v) for k, item in enumerate(items)
+             for v in (scores[k] if scores is not None and scores[k] else [math.nan] * len(item))]
     return PackedBatch(input_ids, position_ids, cu, max_len, m, offsets, torch.tensor(rank, dtype=torch.long),
+                       torch.tensor(score, dtype=torch.float64),
                        list(item_ids if item_ids is not None else range(n)), list(sources or ["default"] * n),
                        list(categories or [None] * n), layout)
 

@@ -1,4 +1,5 @@
-"""The one in-memory shape of a preference pair, shared by training, curation and evaluation."""
+"""The in-memory shapes of preference data: a pair (training, curation, evaluation) and a ranked group of K
+responses (training, scoring)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,20 @@ class Pair:
 
     def swapped(self) -> "Pair":
         return Pair(self.rejected, self.chosen, self.margin, self.source, self.category, self.origin)
+
+
+@dataclass
+class Group:
+    """K >= 2 whole conversations that share their prompt turns, best first. `scores` (higher is better, ties
+    allowed, in the same order) for a rated group; None for a ranking (a strict order). A pair is a group of 2."""
+
+    responses: list[list[Message]]
+    scores: list[float] | None = None
+    margin: float | None = None  # applies to each comparison of the group
+    source: str = "default"
+    category: str | None = None
+    origin: str = ""
+
+    @property
+    def prompt(self) -> list[Message]:
+        return self.responses[0][:-1]

@@ -33,9 +33,10 @@ from typing import Iterator
 import numpy as np
 
 from btrm.config import DataConfig, SourceConfig
-from btrm.data.dataset import PreparedData, TokenizedPairs, cache_root, fit_pair, is_heldout, pair_hash
+from btrm.data.dataset import PreparedData, TokenizedPairs, cache_root, fit_group, is_heldout, pair_hash
 from btrm.data.sources import (BadRow, DataReport, check_columns, iter_raw_rows, normalize_row, parse_row,
                                source_files, source_name)
+from btrm.data.pairs import Group
 from btrm.errors import UserError
 from btrm.data.prefix import shared_prefix_len
 from btrm.render import render_many
@@ -64,31 +65,47 @@ def _raw_rows(shards: list[tuple[int, SourceConfig]]) -> Iterator[dict]:
 def _convert_batch(batch, sources, names, tokenizer, kwargs, max_length, max_tokens, policy, eval_fraction):
     n = len(batch["src"])
     out = {"margin": [None] * n, "source": [None] * n, "category": [None] * n, "chosen_ids": [[]] * n,
-           "rejected_ids": [[]] * n, "status": [STATUS_SKIP] * n, "num_tokens": [0] * n, "chosen_len": [0] * n,
-           "prefix_len": [0] * n, "heldout": [False] * n, "skip_reason": [None] * n, "skip_field": [None] * n, "skip_detail": [None] * n}
-    keep, pairs = [], []
+           "rejected_ids": [[]] * n, "more_ids": [[]] * n, "scores": [[]] * n, "seq_lens": [[]] * n,
+           "status": [STATUS_SKIP] * n, "num_tokens": [0] * n, "chosen_len": [0] * n,
+           "prefix_len": [0] * n, "heldout": [False] * n, "skip_reason": [None] * n, "skip_field": [None] * n,
+           "skip_detail": [None] * n}
+    keep, items = [], []
     for i, (k, origin, raw) in enumerate(zip(batch["src"], batch["origin"], batch["raw"])):
         try:
-            pair = normalize_row(parse_row(origin, pickle.loads(raw)), sources[k], origin, names[k])
+            item = normalize_row(parse_row(origin, pickle.loads(raw)), sources[k], origin, names[k])
         except BadRow as err:
             out["skip_reason"][i], out["skip_field"][i], out["skip_detail"][i] = err.reason, err.field, err.detail
             continue
         keep.append(i)
-        pairs.append(pair)
-        out["margin"][i], out["source"][i], out["category"][i] = pair.margin, pair.source, pair.category
+        items.append(item)
+        out["margin"][i], out["source"][i], out["category"][i] = item.margin, item.source, item.category
         if eval_fraction > 0:
-            out["heldout"][i] = is_heldout(pair_hash(pair.chosen, pair.rejected), eval_fraction)
-    ids_c = render_many(tokenizer, [p.chosen for p in pairs], kwargs)
-    ids_r = render_many(tokenizer, [p.rejected for p in pairs], kwargs)
+            out["heldout"][i] = is_heldout(pair_hash(*_convs(item)), eval_fraction)
+    convs = [_convs(item) for item in items]  # a pair is a group of 2: [chosen, rejected]
+    flat = render_many(tokenizer, [c for cs in convs for c in cs], kwargs)
     bos = tokenizer.bos_token_id if tokenizer.bos_token else None
-    for i, c, r in zip(keep, ids_c, ids_r):
+    start = 0
+    for i, item, cs in zip(keep, items, convs):
+        ids, start = flat[start:start + len(cs)], start + len(cs)
+        scores = getattr(item, "scores", None)
         # the raw texts differ (normalize_row checked), but the template may trim the difference away
-        c2, r2, status = (None, None, IDENTICAL) if c == r else fit_pair(c, r, max_length, max_tokens, policy, bos)
-        c2, r2 = c2 or [], r2 or []
-        out["chosen_ids"][i], out["rejected_ids"][i], out["status"][i] = c2, r2, status
-        out["num_tokens"][i], out["chosen_len"][i] = len(c2) + len(r2), len(c2)
-        out["prefix_len"][i] = shared_prefix_len([c2, r2]) if c2 else 0  # the prompt packed once under share_prompt
+        if len({tuple(x) for x in ids}) < len(ids):
+            kept, ids, status = None, None, IDENTICAL
+        else:  # a pair fits as it always did (`fit_pair`); a group may first drop responses
+            kept, ids, status = fit_group(ids, scores, max_length, max_tokens, policy, bos)
+        out["status"][i] = status
+        if ids is None:
+            continue
+        out["chosen_ids"][i], out["rejected_ids"][i], out["more_ids"][i] = ids[0], ids[1], ids[2:]
+        out["scores"][i] = [scores[k] for k in kept] if scores is not None else []
+        out["seq_lens"][i] = [len(x) for x in ids]
+        out["num_tokens"][i], out["chosen_len"][i] = sum(map(len, ids)), len(ids[0])
+        out["prefix_len"][i] = shared_prefix_len(ids)  # the prompt packed once under share_prompt
     return out
+
+
+def _convs(item) -> list:
+    return item.responses if isinstance(item, Group) else [item.chosen, item.rejected]
 
 
 def _features():
@@ -96,8 +113,10 @@ def _features():
 
     return Features({"src": Value("int32"), "origin": Value("string"), "margin": Value("float64"),
                      "source": Value("string"), "category": Value("string"), "chosen_ids": List(Value("int32")),
-                     "rejected_ids": List(Value("int32")), "status": Value("string"), "num_tokens": Value("int64"),
-                     "chosen_len": Value("int64"), "prefix_len": Value("int64"), "heldout": Value("bool"), "skip_reason": Value("string"),
+                     "rejected_ids": List(Value("int32")), "more_ids": List(List(Value("int32"))),
+                     "scores": List(Value("float64")), "seq_lens": List(Value("int32")), "status": Value("string"),
+                     "num_tokens": Value("int64"), "chosen_len": Value("int64"), "prefix_len": Value("int64"),
+                     "heldout": Value("bool"), "skip_reason": Value("string"),
                      "skip_field": Value("string"), "skip_detail": Value("string")})
 
 
@@ -227,7 +246,8 @@ def tokenized_report(ds, order: np.ndarray, report: DataReport, strict: bool) ->
     enc = pc.dictionary_encode(_column(ds, "source")).combine_chunks()
     codes = pc.fill_null(enc.indices, 0).to_numpy(zero_copy_only=False)  # null = a skipped row, never in order
     labels = enc.dictionary.to_pylist()
-    for status, counter in (("dropped", report.overlong_dropped), ("truncated", report.overlong_truncated)):
+    for status, counter in (("dropped", report.overlong_dropped), ("truncated", report.overlong_truncated),
+                            ("trimmed", report.overlong_trimmed)):
         sel = _eq(ds, "status", status)[order]
         for name, n in _first_order_counts(codes[order[sel]], labels).items():
             counter[name] += n
@@ -246,8 +266,8 @@ def tokenized_report(ds, order: np.ndarray, report: DataReport, strict: bool) ->
 # Stage 4: the cache directory
 
 
-FINAL_COLUMNS = ["margin", "source", "category", "origin", "chosen_ids", "rejected_ids", "status", "num_tokens",
-                 "chosen_len", "prefix_len"]
+FINAL_COLUMNS = ["margin", "source", "category", "origin", "chosen_ids", "rejected_ids", "more_ids", "scores",
+                 "seq_lens", "status", "num_tokens", "chosen_len", "prefix_len"]
 
 
 def write_split(ds, rows: np.ndarray, path: Path) -> int:

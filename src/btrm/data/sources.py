@@ -5,6 +5,8 @@ Row formats (per source, or detected per row):
   messages         chosen / rejected are whole message lists sharing the prompt turns (Skywork-80K schema)
   strings          prompt / chosen / rejected are strings
   prompt_messages  prompt is a message list, chosen / rejected are strings
+  group            prompt (string or message list) and K >= 2 `responses`, with `scores` or a `ranking` (training
+                   and scoring; detected by a `responses` column)
 Bad rows are skipped and counted per reason and source, or raised (`strict`) with file, row and field.
 """
 
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from btrm.config import SourceConfig
-from btrm.data.pairs import Pair
+from btrm.data.pairs import Group, Pair
 from btrm.errors import UserError
 
 SUFFIXES = {".json", ".jsonl", ".parquet", ".arrow"}
@@ -47,6 +49,7 @@ class DataReport:
     examples: dict[str, str] = field(default_factory=dict)  # reason -> first offending origin, for the log
     overlong_dropped: Counter = field(default_factory=Counter)
     overlong_truncated: Counter = field(default_factory=Counter)
+    overlong_trimmed: Counter = field(default_factory=Counter)  # groups that lost their longest responses to fit
 
     def skip(self, source: str, err: BadRow) -> None:
         self.skipped[source][err.reason] += 1
@@ -62,6 +65,7 @@ class DataReport:
             self.examples.setdefault(reason, origin)
         self.overlong_dropped.update(other.overlong_dropped)
         self.overlong_truncated.update(other.overlong_truncated)
+        self.overlong_trimmed.update(other.overlong_trimmed)
 
     def skipped_by_reason(self) -> Counter:
         total: Counter = Counter()
@@ -74,7 +78,8 @@ class DataReport:
         """Inverse of `as_dict` (the tokenized-data cache keeps the report as JSON)."""
         skipped: dict[str, Counter] = defaultdict(Counter, {s: Counter(c) for s, c in d.get("skipped", {}).items()})
         return cls(Counter(d.get("read", {})), Counter(d.get("kept", {})), skipped, dict(d.get("examples", {})),
-                   Counter(d.get("overlong_dropped", {})), Counter(d.get("overlong_truncated", {})))
+                   Counter(d.get("overlong_dropped", {})), Counter(d.get("overlong_truncated", {})),
+                   Counter(d.get("overlong_trimmed", {})))
 
     def log_lines(self, split: str) -> list[str]:
         """What the trainer prints about this split: skipped rows by source and reason (with a first example of
@@ -88,6 +93,9 @@ class DataReport:
             lines.append(f"  {split} over-long pairs dropped: {json.dumps(dict(self.overlong_dropped))}")
         if self.overlong_truncated:
             lines.append(f"  {split} over-long pairs prompt-truncated: {json.dumps(dict(self.overlong_truncated))}")
+        if self.overlong_trimmed:
+            lines.append(f"  {split} over-long groups that dropped responses to fit: "
+                         f"{json.dumps(dict(self.overlong_trimmed))}")
         return lines
 
     def metrics(self, split: str) -> dict[str, int]:
@@ -95,6 +103,8 @@ class DataReport:
         out = {f"data/{split}_skipped/{k}": v for k, v in self.skipped_by_reason().items()}
         out[f"data/{split}_overlong_dropped"] = sum(self.overlong_dropped.values())
         out[f"data/{split}_overlong_truncated"] = sum(self.overlong_truncated.values())
+        if self.overlong_trimmed:
+            out[f"data/{split}_overlong_trimmed"] = sum(self.overlong_trimmed.values())
         return out
 
     def as_dict(self) -> dict[str, Any]:
@@ -102,6 +112,7 @@ class DataReport:
             "read": dict(self.read), "kept": dict(self.kept),
             "skipped": {s: dict(c) for s, c in self.skipped.items() if c},
             "overlong_dropped": dict(self.overlong_dropped), "overlong_truncated": dict(self.overlong_truncated),
+            "overlong_trimmed": dict(self.overlong_trimmed),
             "examples": dict(self.examples),
         }
 
@@ -116,6 +127,8 @@ class DataReport:
                 parts.append(f"over-long dropped {self.overlong_dropped[src]}")
             if self.overlong_truncated[src]:
                 parts.append(f"prompt-truncated {self.overlong_truncated[src]}")
+            if self.overlong_trimmed[src]:
+                parts.append(f"responses dropped to fit {self.overlong_trimmed[src]}")
             lines.append("; ".join(parts))
         return "\n".join(lines)
 
@@ -282,12 +295,100 @@ def detect_format(row: dict) -> str:
     return "strings"
 
 
-def normalize_row(row: Any, src: SourceConfig, origin: str, name: str) -> Pair:
-    """One raw row -> a validated Pair, or BadRow naming the field."""
+def _lookup(row: dict, path: str, origin: str) -> Any:
+    """A column, or `a[].b`: field b of every element of list column a (nested schemas such as UltraFeedback's
+    `completions[].response`). Missing -> None."""
+    head, sep, rest = path.partition("[].")
+    value = row.get(head)
+    if not sep or value is None:
+        return value
+    if not isinstance(value, list):
+        raise BadRow("bad_row", head, f"expected a list, got {type(value).__name__}", origin)
+    return [_lookup(x, rest, origin) if isinstance(x, dict) else None for x in value]
+
+
+def normalize_group(row: dict, src: SourceConfig, origin: str, name: str, scoring: bool = False) -> Group:
+    """A group row -> a validated Group (responses best first), or BadRow naming the field.
+
+    `prompt` (a string or a message list) and `responses` (each a string, or the message list that follows the
+    prompt), plus exactly one label: `scores` (numbers, higher is better, ties allowed) or `ranking` (response
+    indices, best first). `scoring` (btrm score): the label is optional and the responses keep their input order
+    (`scores` then in that order, None without scores)."""
+    col = {k: src.columns.get(k, k) for k in ("prompt", "responses", "scores", "ranking", "margin", "source",
+                                                 "category")}
+    get = {k: _lookup(row, c, origin) for k, c in col.items()}
+    for k in ("prompt", "responses"):
+        if get[k] is None:
+            raise BadRow("missing_field" if col[k].partition("[]")[0] not in row else "null_field", col[k], "", origin)
+    if isinstance(get["prompt"], list):
+        prompt = validate_messages(get["prompt"], col["prompt"], origin)
+    else:
+        prompt = [{"role": "user", "content": _string(get["prompt"], col["prompt"], origin)}]
+    responses = get["responses"]
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise BadRow("too_few_responses", col["responses"], f"need >= 2, got "
+                     f"{len(responses) if isinstance(responses, list) else type(responses).__name__}", origin)
+    convs = []
+    for i, r in enumerate(responses):
+        fld = f"{col['responses']}[{i}]"
+        turns = (validate_messages(r, fld, origin) if isinstance(r, list)
+                 else [{"role": "assistant", "content": _string(r, fld, origin)}])
+        if turns[-1]["role"] != "assistant":
+            raise BadRow("last_not_assistant", fld, f"last role is {turns[-1]['role']!r}", origin)
+        if not turns[-1]["content"].strip():
+            raise BadRow("empty_response", fld, "", origin)
+        if any(turns == c[len(prompt):] for c in convs):
+            raise BadRow("duplicate_response", fld, "the same text as an earlier response", origin)
+        convs.append(prompt + turns)
+    scores, ranking = get["scores"], get["ranking"]
+    if scoring and scores is None and ranking is None:
+        return Group(convs, None, None, name, None, origin)
+    if (scores is None) == (ranking is None):
+        raise BadRow("missing_field" if scores is None else "two_labels", col["scores"],
+                     f"exactly one of {col['scores']!r} / {col['ranking']!r} is needed", origin)
+    label = col["scores"] if scores is not None else col["ranking"]
+    values = scores if scores is not None else ranking
+    if not isinstance(values, list) or len(values) != len(convs):
+        raise BadRow("length_mismatch", label, f"{len(values) if isinstance(values, list) else type(values).__name__}"
+                     f" labels for {len(convs)} responses", origin)
+    if scores is not None:
+        for i, v in enumerate(scores):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise BadRow("bad_score", f"{label}[{i}]", repr(v), origin)
+        if len(set(scores)) == 1:
+            raise BadRow("all_tied", label, f"every response scores {scores[0]}", origin)
+        order = sorted(range(len(convs)), key=lambda i: -scores[i])  # stable: tied responses keep their order
+        order = list(range(len(convs))) if scoring else order
+    else:
+        as_index = (v if isinstance(v, int) and not isinstance(v, bool) else -1 for v in ranking)
+        if sorted(as_index) != list(range(len(convs))):
+            raise BadRow("bad_ranking", label, f"{ranking!r} is not a permutation of 0..{len(convs) - 1}", origin)
+        order = list(range(len(convs))) if scoring else list(ranking)
+        scores = [-float(ranking.index(i)) for i in range(len(convs))] if scoring else None
+    margin = get["margin"]
+    if margin is not None:
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+            raise BadRow("bad_margin", col["margin"], repr(margin), origin)
+        margin = float(margin)
+    category, row_source = get["category"], get["source"]
+    source = row_source if isinstance(row_source, str) and row_source else name
+    return Group([convs[i] for i in order], [float(scores[i]) for i in order] if scores is not None else None,
+                 margin, source, None if category is None else str(category), origin)
+
+
+def is_group_row(row: dict, src: SourceConfig) -> bool:
+    return src.format == "group" or (src.format == "auto" and src.columns.get("responses", "responses").partition(
+        "[]")[0] in row)
+
+
+def normalize_row(row: Any, src: SourceConfig, origin: str, name: str) -> Pair | Group:
+    """One raw row -> a validated Pair (or a Group, for a group row), or BadRow naming the field."""
     if isinstance(row, BadRow):
         raise row
     if not isinstance(row, dict):
         raise BadRow("bad_row", "<row>", f"expected an object, got {type(row).__name__}", origin)
+    if is_group_row(row, src):
+        return normalize_group(row, src, origin, name)
     col = {k: src.columns.get(k, k) for k in ("prompt", "chosen", "rejected", "margin", "source", "category")}
     for k in ("chosen", "rejected"):
         if col[k] not in row:
@@ -348,6 +449,8 @@ def check_columns(src: SourceConfig) -> None:
             found = Dataset.from_file(str(f)).column_names
         else:
             continue
+        if src.columns.get("responses", "responses").partition("[]")[0] in found:  # group rows
+            continue
         if missing := [c for c in need if c not in found]:
             raise UserError(f"{f}: missing column(s) {missing}: expected {need} (and 'prompt' unless they are "
                             f"message lists; map other names with data.sources[].columns), found {found}")
@@ -361,6 +464,9 @@ def validate_rows(src: SourceConfig, rows: Iterable[tuple[str, Any]], report: Da
         report.read[name] += 1
         try:
             pair = normalize_row(parse_row(origin, row), src, origin, name)
+            if isinstance(pair, Group):  # curation and calibration read pairs; training reads groups too
+                raise BadRow("group_row", src.columns.get("responses", "responses"), "this command takes pairs",
+                             origin)
         except BadRow as err:
             if strict:
                 raise

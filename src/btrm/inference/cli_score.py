@@ -3,6 +3,10 @@
 Input rows (jsonl, or any file the trainer reads: json / parquet / arrow):
   conversation  {"messages": [...]} or {"conversation": [...]}  -> {"row", "id"?, "reward"}
   pair          any row format the trainer accepts             -> {"row", "id"?, "chosen", "rejected", "preferred"}
+  group         {"prompt", "responses": [...], scores / ranking optional}
+                                                               -> {"row", "id"?, "rewards", "ranking", "top1_correct"?}
+                (`rewards` in input order; `ranking`: response indices by reward, best first, ties in input order;
+                `top1_correct` when the row has labels: its highest reward is a best response)
 One output line per input row (blank lines are not rows), in order; `row` is the 0-based input row, `id` is copied
 when the input has one. With --skip-bad a bad row gets {"row", "error"} instead, so counts stay aligned. An existing
 output is resumed: its rows are skipped in the input (by count) and the file is appended to.
@@ -37,7 +41,8 @@ from tqdm.auto import tqdm
 from btrm import attention
 from btrm.calibration import heldout_pairs, stats, store
 from btrm.config import SourceConfig
-from btrm.data.sources import BadRow, iter_raw_rows, normalize_row, validate_messages
+from btrm.data.sources import (BadRow, is_group_row, iter_raw_rows, normalize_group, normalize_row,
+                               validate_messages)
 from btrm.inference import score_parallel
 from btrm.inference.score_parallel import Shard
 from btrm.inference.scorer import pair_scores
@@ -82,6 +87,9 @@ class Tally:
     rows: int = 0
     conversations: int = 0
     pairs: int = 0
+    groups: int = 0
+    top1: int = 0  # groups with labels whose highest reward is a best response
+    labelled: int = 0
     correct: int = 0  # chosen scored above rejected
     ties: int = 0
     bad: int = 0
@@ -95,16 +103,25 @@ class Tally:
                 self.bad_examples.append(rec["error"])
         elif "reward" in rec:
             self.conversations += 1
+        elif "rewards" in rec:
+            self.groups += 1
+            if "top1_correct" in rec:
+                self.labelled += 1
+                self.top1 += rec["top1_correct"]
         else:
             self.pairs += 1
             self.correct += rec["preferred"] == "chosen"
             self.ties += rec["preferred"] == "tie"
 
     def report(self) -> str:
-        lines = [f"rows: {self.rows} (conversations {self.conversations}, pairs {self.pairs}, bad {self.bad})"]
+        lines = [f"rows: {self.rows} (conversations {self.conversations}, pairs {self.pairs}, "
+                 + (f"groups {self.groups}, " if self.groups else "") + f"bad {self.bad})"]
         if self.pairs:
             lines.append(f"pair accuracy: {self.correct / self.pairs:.4f} ({self.correct}/{self.pairs} chosen > "
                          f"rejected; ties {self.ties})")
+        if self.labelled:
+            lines.append(f"group top-1 accuracy: {self.top1 / self.labelled:.4f} ({self.top1}/{self.labelled} "
+                         "labelled groups whose highest reward is a best response)")
         lines += [f"  bad row: {e}" for e in self.bad_examples]
         return "\n".join(lines)
 
@@ -128,7 +145,8 @@ def read_done(path: Path, tally: Tally, shard: Shard = Shard()) -> int:
 
 
 def parse_row(raw: Any, origin: str, name: str) -> tuple[str, Any]:
-    """("conversation", messages) or ("pair", Pair); BadRow naming the field otherwise."""
+    """("conversation", messages), ("pair", Pair) or ("group", Group in input order); BadRow naming the field
+    otherwise."""
     if isinstance(raw, BadRow):
         raise raw
     if not isinstance(raw, dict):
@@ -139,10 +157,22 @@ def parse_row(raw: Any, origin: str, name: str) -> tuple[str, Any]:
             if conv[-1]["role"] != "assistant":  # the reward is read at the end of a response: none to read here
                 raise BadRow("last_not_assistant", key, f"last role is {conv[-1]['role']!r}", origin)
             return "conversation", conv
+    if is_group_row(raw, SourceConfig()):
+        return "group", normalize_group(raw, SourceConfig(), origin, name, scoring=True)
     if "chosen" not in raw:
         raise BadRow("missing_field", "messages", "expected 'messages' / 'conversation' (a conversation) or "
                      "'chosen' and 'rejected' (a preference pair)", origin)
     return "pair", normalize_row(raw, SourceConfig(), origin, name)
+
+
+def group_record(rewards: list[float], scores: list[float] | None) -> dict[str, Any]:
+    """A group's output: rewards in input order, the predicted ranking (best first, ties in input order) and, when
+    the row has labels, whether its highest reward is a best response (`top1_correct`)."""
+    ranking = sorted(range(len(rewards)), key=lambda i: -rewards[i])
+    rec: dict[str, Any] = {"rewards": rewards, "ranking": ranking}
+    if scores is not None:
+        rec["top1_correct"] = scores[ranking[0]] == max(scores)
+    return rec
 
 
 class ChunkScorer:
@@ -168,6 +198,10 @@ class ChunkScorer:
                 convs += [item.chosen, item.rejected]
                 owner += [k, k]
                 fields += ["chosen", "rejected"]
+            elif kind == "group":
+                convs += item.responses
+                owner += [k] * len(item.responses)
+                fields += [f"responses[{i}]" for i in range(len(item.responses))]
         encoded = self.rm.encode_each(convs)
         errors: dict[int, str] = {}
         for k, fld, ids in zip(owner, fields, encoded):
@@ -202,6 +236,8 @@ class ChunkScorer:
                 rec["error"] = errors[k]
             elif kind == "conversation":
                 rec["reward"] = by_row[k][0]
+            elif kind == "group":
+                rec.update(group_record(by_row[k], item.scores))
             else:
                 rec.update(pair_scores([by_row[k][0]], [by_row[k][1]])[0].as_dict())
             self.out.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -236,7 +272,8 @@ def score_file(args: argparse.Namespace) -> int:
     rc = score_rows(args)
     if args.calibrate:
         rewards = [x for rec in _records(Path(args.output)) for x in (
-            [rec["reward"]] if "reward" in rec else [rec["chosen"], rec["rejected"]] if "chosen" in rec else [])]
+            [rec["reward"]] if "reward" in rec else [rec["chosen"], rec["rejected"]] if "chosen" in rec
+            else rec.get("rewards", []))]
         _store(args.model, stats(rewards, f"btrm score --input {args.input}"))
     return rc
 

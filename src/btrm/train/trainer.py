@@ -23,7 +23,7 @@ from btrm.data.sources import DataReport
 from btrm.distributed import setup_distributed
 from btrm.errors import UserError
 from btrm.flops import model_shape, non_embedding_params, peak_flops, train_flops
-from btrm.loss import build_objective
+from btrm.loss import build_objective, group_metric_sums
 from btrm.modeling import enable_activation_checkpointing, load_reward_model, packed_rewards, resolve_dtype
 from btrm.train import checkpoint as ckpt
 from btrm.train.ds_config import build_ds_config
@@ -168,7 +168,8 @@ class Trainer:
         return last_saved
 
     def train_step(self, step: int) -> dict:
-        """One optimizer step over `global_batch_pairs` pairs, packed into this rank's micro-batches."""
+        """One optimizer step over `global_batch_pairs` items (pairs or groups), packed into this rank's
+        micro-batches."""
         cfg, d, engine = self.cfg, self.dist, self.engine
         t0 = time.perf_counter()
         if d.device.type == "cuda":
@@ -176,9 +177,11 @@ class Trainer:
         pairs = self.sampler.step_pairs(step)
         micro, plan, sizes = rank_micro_batches(self.data.train, pairs, cfg.data.max_tokens, d.dp_size, d.dp_rank,
                                                 self.share)
-        # Each pair weighs 1/N of the step: sum of per-pair losses / global pair count. DeepSpeed averages the
+        # Each comparison (a pair's one, a group's ordered pairs or Plackett-Luce terms) weighs 1/N of the step:
+        # summed losses / the step's global unit count (= the pair count for pairs). DeepSpeed averages the
         # gradients over data-parallel ranks, so scale by dp_size to turn its mean back into a sum.
-        scale = d.dp_size / len(pairs)
+        units = d.sum([float(sum(self.objective.units(b) for b in micro))])[0]
+        scale = d.dp_size / max(units, 1.0)
         sums: dict[str, float] = {}
         engine.train()
         for i, batch in enumerate(micro):
@@ -193,7 +196,7 @@ class Trainer:
         bins = [b for rank_bins in plan for b in rank_bins]
         tokens = int(self.data.train.sizes[pairs].sum())  # the sequences' own tokens, shared prompts or not
         # MFU counts the FLOPs of the sequences themselves, so a shared prompt raises it like a faster kernel would
-        seg = [n for p in pairs for n in self.data.train.seq_lengths(p)] if self.peak else []
+        seg = self.data.train.seq_lengths(pairs) if self.peak else []
         metrics.update(
             lr=self.scheduler.get_last_lr()[0] if self.scheduler else cfg.optim.lr,
             grad_norm=_float(engine.get_global_grad_norm()),
@@ -239,6 +242,7 @@ class Trainer:
         plan = assign_to_ranks(best_fit_decreasing(sizes, cfg.data.max_tokens), sizes, d.dp_size)
         self.engine.eval()
         sums: dict[str, float] = {}
+        ranking: dict[str, float] = {}  # per-item ranking metrics, of the model and of the length-only baseline
         groups: dict[str, list[float]] = {}
         for mb in plan[d.dp_rank]:
             batch = ev.batch(mb, self.share)
@@ -246,6 +250,10 @@ class Trainer:
             _add(sums, s)
             if rewards is None:
                 continue
+            _add(ranking, group_metric_sums(rewards, batch))
+            lengths = torch.tensor(ev.seq_lengths(mb), dtype=torch.float)
+            _add(ranking, {f"length_{k}": v for k, v in group_metric_sums(lengths, batch).items()
+                           if k in ("top1", "kendall_tau")})
             for ok, src, cat in zip(batch.best_wins(rewards).tolist(), batch.sources, batch.categories):
                 for key in (f"source/{src}",) + ((f"category/{cat}",) if cat is not None else ()):
                     g = groups.setdefault(key, [0.0, 0.0])
@@ -260,9 +268,18 @@ class Trainer:
                 m[0] += a
                 m[1] += n
         out = {f"eval/{k}": v for k, v in total.items()}
-        # Length baseline on the same pairs: how often the longer response is the chosen one (ties count wrong).
-        c_len = ev.chosen_lengths
-        out["eval/longer_wins_accuracy"] = float((c_len > ev.sizes - c_len).mean())
+        keys = ["groups", "top1", "kendall_tau", "length_top1", "length_kendall_tau", "responses", "reward",
+                "reward_sq"]
+        rk = dict(zip(keys, d.sum([ranking.get(k, 0.0) for k in keys])))
+        n, m = max(rk["groups"], 1.0), max(rk["responses"], 1.0)
+        out.update({"eval/top1_accuracy": rk["top1"] / n, "eval/kendall_tau": rk["kendall_tau"] / n,
+                    "eval/groups": rk["groups"], "eval/responses": rk["responses"],
+                    "eval/reward_mean": rk["reward"] / m,
+                    "eval/reward_std": max(rk["reward_sq"] / m - (rk["reward"] / m) ** 2, 0.0) ** 0.5})
+        # Length baseline on the same items: the longer response is the better one (a tie counts wrong). For pairs
+        # its top-1 is how often the longer response is the chosen one.
+        out["eval/longer_wins_accuracy"] = rk["length_top1"] / n
+        out["eval/longer_wins_kendall_tau"] = rk["length_kendall_tau"] / n
         out.update({f"eval/accuracy/{k}": a / n for k, (a, n) in sorted(merged.items())})
         return out
 
