@@ -100,8 +100,9 @@ class DataConfig:
     max_length: int = 16384
     """Longest rendered conversation (tokens); longer pairs follow `overlong`."""
     max_tokens: int = 16384
-    """Token budget of one packed micro-batch (one row of the packed forward). A pair needs
-    len(chosen) + len(rejected) <= max_tokens, else it is over-long."""
+    """Token budget of one packed micro-batch per rank (one row of the packed forward). A pair needs
+    len(chosen) + len(rejected) <= max_tokens, else it is over-long. With train.sequence_parallel_size = SP, a row
+    is split over SP ranks, so row and pair budget are max_tokens x SP."""
     overlong: Literal["drop", "truncate_prompt_left"] = "drop"
     """drop = skip over-long pairs (counted); truncate_prompt_left = cut prompt tokens from the left. A response's
     end is never cut."""
@@ -178,8 +179,10 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     """The objective and its options."""
     sequence_parallel_size: int = 1
-    """Ranks that split one packed row along the sequence (Ulysses); the world is split into world / SP
-    data-parallel groups."""
+    """Ranks that split one packed row along the sequence (DeepSpeed Ulysses, btrm.sequence_parallel); the world
+    is split into world / SP data-parallel groups of SP consecutive ranks. Must divide the world size; the model's
+    attention heads must divide by it, its key/value heads divide by it or it by them. Needs attention segment,
+    varlen or flash_attention_2."""
 
 
 @dataclass
@@ -242,8 +245,6 @@ class Config:
             ("model.name_or_path", bool(self.model.name_or_path), "must be set"),
             ("train.global_batch_pairs", self.train.global_batch_pairs > 0, "must be > 0"),
             ("train.sequence_parallel_size", self.train.sequence_parallel_size >= 1, "must be >= 1"),
-            ("train.sequence_parallel_size", self.train.sequence_parallel_size == 1,
-             "> 1 is not built yet (issue 14)"),
             ("optim.lr", self.optim.lr >= 0, "must be >= 0"),
             ("data.max_length", self.data.max_length > 1, "must be > 1"),
             ("data.max_tokens", self.data.max_tokens >= 2, "must be >= 2"),

@@ -15,6 +15,7 @@ import torch
 
 import btrm
 from btrm import attention, calibration, lora
+from btrm import sequence_parallel as sp_
 from btrm.config import Config, dump_yaml, to_dict
 from btrm.data.dataset import PreparedData, StepSampler, TokenizedPairs, rank_micro_batches
 from btrm.data.packing import assign_to_ranks, best_fit_decreasing, collate_pairs, packing_efficiency
@@ -39,13 +40,17 @@ log = logging.getLogger("btrm")
 
 
 class RewardWrapper(torch.nn.Module):
-    """What DeepSpeed wraps: PackedBatch -> rewards per sequence."""
+    """What DeepSpeed wraps: PackedBatch -> rewards per sequence (the row split over the SP group when `dist` has
+    one, btrm.sequence_parallel)."""
 
-    def __init__(self, rm):
+    def __init__(self, rm, dist=None):
         super().__init__()
         self.rm = rm
+        self.dist = dist
 
     def forward(self, batch):
+        if self.dist is not None and self.dist.sp_size > 1:
+            return sp_.rewards(self.rm, batch, self.dist)
         return packed_rewards(self.rm, batch)
 
 
@@ -63,8 +68,10 @@ class Trainer:
         # collective (which would time out); a cache that `btrm data prepare` wrote is memory-mapped at once.
         # self.cfg stays as written (built-ins unresolved): checkpoints save that
         cfg, self.tokenizer, self.data = prepare_for_training(cfg)
-        self.dist = setup_distributed(cfg.deepspeed.timeout_s)
+        self.dist = setup_distributed(cfg.deepspeed.timeout_s, cfg.train.sequence_parallel_size)
         d = self.dist
+        # a packed row: data.max_tokens per rank, so an SP group's row holds max_tokens x SP (btrm.sequence_parallel)
+        self.row_tokens = cfg.data.max_tokens * d.sp_size
         self.is_main = d.rank == 0  # the launcher's RANK may only be set by init (MPI discovery)
         torch.manual_seed(cfg.train.seed)
         self.out = Path(cfg.train.output_dir)
@@ -89,6 +96,12 @@ class Trainer:
 
             self._hf_ds = HfDeepSpeedConfig(self.ds_config)  # must be alive during from_pretrained: partitioned load
         attn = attention.select(cfg.model.attn_implementation, d.device, self.dtype)
+        if d.sp_size > 1:  # before loading: a wrong size fails in seconds
+            from transformers import AutoConfig
+
+            sp_.check_attention(attn, d.sp_size)
+            sp_.check_model(AutoConfig.from_pretrained(cfg.model.name_or_path,
+                                                       trust_remote_code=cfg.model.trust_remote_code), d.sp_size)
         use_lora = lora.enabled(cfg.model.lora)
         if use_lora:
             lora.check_available(cfg.model.lora, d.device)
@@ -101,18 +114,19 @@ class Trainer:
             enable_activation_checkpointing(rm)
         rm.config.use_cache = False
         self.rm = rm
+        mpu = sp_.enable(rm, attn, d) if d.sp_size > 1 else None  # DeepSpeed's Ulysses attention and SP groups
         # the prompt of a pair once per row, where the attention backend can take the layout
         self.share = cfg.data.share_prompt and sharing_mode(rm) is not None
         if cfg.data.share_prompt and not self.share and self.is_main:
             log.warning("data.share_prompt: attention %s cannot take a shared prompt; pairs are packed whole", attn)
         self.n_params = non_embedding_params(rm)
         self.shape = model_shape(rm.config)
-        wrapper = RewardWrapper(rm)
+        wrapper = RewardWrapper(rm, d)
         import deepspeed
 
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=wrapper, optimizer=build_optimizer(cfg, wrapper, d.device),
-            lr_scheduler=lr_scheduler(cfg.optim, self.total_steps), config=self.ds_config)
+            lr_scheduler=lr_scheduler(cfg.optim, self.total_steps), config=self.ds_config, mpu=mpu)
         self.objective = build_objective(cfg.train.loss)
         self.peak = peak_flops(torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu")
 
@@ -178,10 +192,11 @@ class Trainer:
         if d.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(d.device)
         pairs = self.sampler.step_pairs(step)
-        micro, plan, sizes = rank_micro_batches(self.data.train, pairs, cfg.data.max_tokens, d.dp_size, d.dp_rank,
+        micro, plan, sizes = rank_micro_batches(self.data.train, pairs, self.row_tokens, d.dp_size, d.dp_rank,
                                                 self.share)
         # Each pair weighs 1/N of the step: sum of per-pair losses / global pair count. DeepSpeed averages the
-        # gradients over data-parallel ranks, so scale by dp_size to turn its mean back into a sum.
+        # gradients over data-parallel replicas (summing over the SP ranks of one, btrm.sequence_parallel), so
+        # scale by dp_size to turn its mean back into a sum.
         scale = d.dp_size / len(pairs)
         sums: dict[str, float] = {}
         engine.train()
@@ -202,7 +217,7 @@ class Trainer:
             lr=self.scheduler.get_last_lr()[0] if self.scheduler else cfg.optim.lr,
             grad_norm=_float(engine.get_global_grad_norm()),
             pairs_per_s=len(pairs) / dt, tokens_per_s=tokens / dt, step_time_s=dt,
-            packing=packing_efficiency(bins, sizes, cfg.data.max_tokens),
+            packing=packing_efficiency(bins, sizes, self.row_tokens),
             prompt_tokens_saved=1.0 - sum(sizes) / max(tokens, 1),  # share of the tokens not run, by sharing prompts
             micro_steps=len(micro), epoch=step / self.sampler.steps_per_epoch)
         if self.peak:
@@ -226,9 +241,11 @@ class Trainer:
         return loss, sums, rewards
 
     def _reduce(self, sums: dict[str, float]) -> dict[str, float]:
-        """This rank's metric sums -> summed over ranks -> the objective's logged metrics."""
+        """This rank's metric sums -> summed over ranks -> the objective's logged metrics. The ranks of an SP group
+        hold the same sums (the same rewards): count each group once."""
         keys = sorted(sums)  # the objective returns the same keys on every rank
-        return self.objective.finalize(dict(zip(keys, self.dist.sum([sums[k] for k in keys]))))
+        total = self.dist.sum([sums[k] for k in keys])
+        return self.objective.finalize({k: v / self.dist.sp_size for k, v in zip(keys, total)})
 
     # ------------------------------------------------------------------------------------------------------------------
 
@@ -240,7 +257,7 @@ class Trainer:
             return {}
         cfg, d = self.cfg, self.dist
         sizes = ev.packed_sizes(self.share).tolist()
-        plan = assign_to_ranks(best_fit_decreasing(sizes, cfg.data.max_tokens), sizes, d.dp_size)
+        plan = assign_to_ranks(best_fit_decreasing(sizes, self.row_tokens), sizes, d.dp_size)
         self.engine.eval()
         sums: dict[str, float] = {}
         groups: dict[str, list[float]] = {}
@@ -258,7 +275,7 @@ class Trainer:
         self.engine.train()
         total = self._reduce(sums)
         merged: dict[str, list[float]] = {}
-        for part in d.gather_objects(groups):
+        for part in d.gather_objects(groups)[::d.sp_size]:  # SP rank 0 of each group (consecutive ranks)
             for k, (a, n) in part.items():
                 m = merged.setdefault(k, [0.0, 0.0])
                 m[0] += a
