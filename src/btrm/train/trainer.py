@@ -14,8 +14,7 @@ from typing import Callable
 import torch
 
 import btrm
-from btrm import attention, calibration, lora
-from btrm import sequence_parallel as sp_
+from btrm import attention, calibration, lora, sequence_parallel
 from btrm.config import Config, dump_yaml, to_dict
 from btrm.data.dataset import PreparedData, StepSampler, TokenizedPairs, rank_micro_batches
 from btrm.data.packing import assign_to_ranks, best_fit_decreasing, collate_pairs, packing_efficiency
@@ -50,7 +49,7 @@ class RewardWrapper(torch.nn.Module):
 
     def forward(self, batch):
         if self.dist is not None and self.dist.sp_size > 1:
-            return sp_.rewards(self.rm, batch, self.dist)
+            return sequence_parallel.rewards(self.rm, batch, self.dist)
         return packed_rewards(self.rm, batch)
 
 
@@ -99,9 +98,10 @@ class Trainer:
         if d.sp_size > 1:  # before loading: a wrong size fails in seconds
             from transformers import AutoConfig
 
-            sp_.check_attention(attn, d.sp_size)
-            sp_.check_model(AutoConfig.from_pretrained(cfg.model.name_or_path,
-                                                       trust_remote_code=cfg.model.trust_remote_code), d.sp_size)
+            model_config = AutoConfig.from_pretrained(cfg.model.name_or_path,
+                                                      trust_remote_code=cfg.model.trust_remote_code)
+            sequence_parallel.check_attention(attn, d.sp_size)
+            sequence_parallel.check_model(model_config, d.sp_size)
         use_lora = lora.enabled(cfg.model.lora)
         if use_lora:
             lora.check_available(cfg.model.lora, d.device)
@@ -114,7 +114,8 @@ class Trainer:
             enable_activation_checkpointing(rm)
         rm.config.use_cache = False
         self.rm = rm
-        mpu = sp_.enable(rm, attn, d) if d.sp_size > 1 else None  # DeepSpeed's Ulysses attention and SP groups
+        # DeepSpeed's Ulysses attention around ours, and its SP groups for deepspeed.initialize
+        mpu = sequence_parallel.enable(rm, attn, d) if d.sp_size > 1 else None
         # the prompt of a pair once per row, where the attention backend can take the layout
         self.share = cfg.data.share_prompt and sharing_mode(rm) is not None
         if cfg.data.share_prompt and not self.share and self.is_main:
