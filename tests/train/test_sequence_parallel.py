@@ -27,14 +27,14 @@ STEPS = 3
 PER_RANK = 96  # data.max_tokens of the SP runs (the reference: 2 x this), unless a test says otherwise
 
 
-def _run(tmp_path, name, model_dir, data_file, nproc, sp, per_rank=PER_RANK, **data):
+def _run(tmp_path, name, model_dir, data_file, nproc, sp, per_rank=PER_RANK, zero=2, **data):
     d = tmp_path / name
     d.mkdir()
     config = write_config(d, model_dir, data_file, optim={"name": "sgd", "lr": 1.0, "grad_clip": 0.0},
                           data={"max_tokens": per_rank * 2 // sp, "eval_fraction": 0.2, **data},
                           train={"max_steps": STEPS, "global_batch_pairs": 8, "eval_every": 2,
                                  "sequence_parallel_size": sp},
-                          deepspeed={"zero_stage": 2})
+                          deepspeed={"zero_stage": zero})
     train(config, nproc)
     return d / "out"
 
@@ -70,12 +70,19 @@ def _long_prompt_pairs(path, n):
     return path, rows
 
 
+@pytest.fixture(scope="module")
+def llama_reference(tmp_path_factory, tiny_llama_dir):
+    """Synthetic pairs and the one-process run on them that the Llama SP runs are compared with. Rows of two or
+    three whole pairs (no prompt sharing, ~100-150 tokens a pair in a row of 320): sequences cross the slice
+    boundary anywhere."""
+    tmp = tmp_path_factory.mktemp("sp-llama")
+    data_file = write_preference_jsonl(tmp / "pairs.jsonl", 50, seed=5)
+    return data_file, _run(tmp, "ref", tiny_llama_dir, data_file, 1, 1, per_rank=160, share_prompt=False)
+
+
 @pytest.mark.slow
-def test_sp2_equals_one_process_llama(tmp_path, tiny_llama_dir):
-    """Rows of two or three whole pairs (no prompt sharing, ~100-150 tokens a pair in a row of 320): sequences
-    cross the slice boundary anywhere."""
-    data_file = write_preference_jsonl(tmp_path / "pairs.jsonl", 50, seed=5)
-    ref = _run(tmp_path, "ref", tiny_llama_dir, data_file, 1, 1, per_rank=160, share_prompt=False)
+def test_sp2_equals_one_process_llama(tmp_path, tiny_llama_dir, llama_reference):
+    data_file, ref = llama_reference
     sp = _run(tmp_path, "sp2", tiny_llama_dir, data_file, 2, 2, per_rank=160, share_prompt=False)
     _assert_same(ref, sp)
     assert metrics(sp)[1]["packing"] == metrics(ref)[1]["packing"]  # the same rows, filled the same
@@ -104,11 +111,20 @@ def test_sp2_equals_one_process_qwen3_long_pairs_shared_prompt(tmp_path, tiny_qw
 
 
 @pytest.mark.slow
-def test_sp2_dp2_four_ranks_equal_one_process(tmp_path, tiny_llama_dir):
-    data_file = write_preference_jsonl(tmp_path / "pairs.jsonl", 50, seed=5)
-    ref = _run(tmp_path, "ref", tiny_llama_dir, data_file, 1, 1, per_rank=160, share_prompt=False)
+def test_sp2_zero3_equals_one_process(tmp_path, tiny_llama_dir, llama_reference):
+    """ZeRO-3 partitions at load and reduce-scatters gradients, averaging over every rank rather than the
+    data-parallel replicas (the trainer's loss scale accounts for it)."""
+    data_file, ref = llama_reference
+    _assert_same(ref, _run(tmp_path, "zero3", tiny_llama_dir, data_file, 2, 2, per_rank=160, zero=3,
+                           share_prompt=False))
+
+
+@pytest.mark.slow
+def test_sp2_dp2_four_ranks_equal_one_process(tmp_path, tiny_llama_dir, llama_reference):
+    data_file, ref = llama_reference
     sp = _run(tmp_path, "sp2dp2", tiny_llama_dir, data_file, 4, 2, per_rank=160, share_prompt=False)
     _assert_same(ref, sp)
+    assert metrics(sp)[1]["micro_steps"] == metrics(ref)[1]["micro_steps"] // 2  # the rows dealt to 2 replicas
 
 
 def test_heads_must_divide_by_sp(tiny_llama_dir):

@@ -129,6 +129,10 @@ class Trainer:
             model=wrapper, optimizer=build_optimizer(cfg, wrapper, d.device),
             lr_scheduler=lr_scheduler(cfg.optim, self.total_steps), config=self.ds_config, mpu=mpu)
         self.objective = build_objective(cfg.train.loss)
+        # What DeepSpeed divides the summed gradients by: the data-parallel replicas (it sums over the SP ranks of
+        # one, btrm.sequence_parallel), except that ZeRO-3's reduce-scatter divides by every rank, SP or not
+        # (DeepSpeed 0.19.8; ds_config keeps reduce_scatter on so that this holds).
+        self.grad_divisor = d.world_size if cfg.deepspeed.zero_stage == 3 else d.dp_size
         self.peak = peak_flops(torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu")
 
         # --- resume, logging, signals
@@ -196,9 +200,8 @@ class Trainer:
         micro, plan, sizes = rank_micro_batches(self.data.train, pairs, self.row_tokens, d.dp_size, d.dp_rank,
                                                 self.share)
         # Each pair weighs 1/N of the step: sum of per-pair losses / global pair count. DeepSpeed averages the
-        # gradients over data-parallel replicas (summing over the SP ranks of one, btrm.sequence_parallel), so
-        # scale by dp_size to turn its mean back into a sum.
-        scale = d.dp_size / len(pairs)
+        # gradients (self.grad_divisor), so scale by what it divides by to turn its mean back into a sum.
+        scale = self.grad_divisor / len(pairs)
         sums: dict[str, float] = {}
         engine.train()
         for i, batch in enumerate(micro):
