@@ -85,8 +85,8 @@ def rewards(model, batch, dist: Dist) -> torch.Tensor:
     from btrm.modeling import decoder_of
 
     sp, device = dist.sp_size, next(model.parameters()).device
-    ids, pos, cu, max_len, layout = batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, \
-        batch.prefix
+    ids, pos, cu, max_len = batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen
+    layout = batch.prefix
     t = ids.shape[1]
     pad = -t % sp
     if pad:  # a trailing segment of its own, so every rank holds T / SP tokens
