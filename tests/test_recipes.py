@@ -69,12 +69,11 @@ LONG_CONTEXT = ROOT / "configs" / "long-context"
 
 def test_long_context_recipe():
     """Qwen3-8B at 64K with Ulysses SP 8: each SP group's row (max_tokens x SP) holds a pair of two 64K
-    conversations, SP divides the heads and 8 GPUs, and `btrm plan` fits it on 8 x 80 GB. Loaded without
-    Config.validate(), which accepts only SP = 1 until the trainer's SP path lands; the planner checks the layout."""
+    conversations, SP divides the heads and 8 GPUs, and `btrm plan` fits it on 8 x 80 GB."""
     from btrm.plan import plan, resolve_arch, sp_layout_error
 
     assert [p.name for p in LONG_CONTEXT.glob("*.yaml")] == ["qwen3-8b-64k.yaml"]
-    cfg = load_config(LONG_CONTEXT / "qwen3-8b-64k.yaml", validate=False)
+    cfg = load_config(LONG_CONTEXT / "qwen3-8b-64k.yaml")
     sp = cfg.train.sequence_parallel_size
     assert cfg.model.name_or_path == BASES["qwen3-8b"] and cfg.model.gradient_checkpointing
     assert cfg.data.max_length == 65536 and sp == 8 and cfg.data.max_tokens * sp == 2 * cfg.data.max_length

@@ -23,6 +23,17 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message names the dotted path."""
 
 
+def sp_heads_error(sp: int, heads: int, kv_heads: int) -> str | None:
+    """Why `sp` ranks cannot split a model's attention heads (Ulysses), else None: each rank takes heads / SP query
+    heads; key/value heads must divide by SP, or SP by them (DeepSpeed then repeats each KV head on SP / KV ranks).
+    One rule for the trainer's check and the planner."""
+    if heads % sp:
+        return f"the model's {heads} attention heads do not divide by it (each rank takes heads / SP)"
+    if kv_heads % sp and sp % kv_heads:
+        return f"the model's {kv_heads} key/value heads neither divide by it nor divide it"
+    return None
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Sections
 
@@ -102,8 +113,9 @@ class DataConfig:
     max_length: int = 16384
     """Longest rendered conversation (tokens); longer pairs follow `overlong`."""
     max_tokens: int = 16384
-    """Token budget of one packed micro-batch (one row of the packed forward). A pair needs
-    len(chosen) + len(rejected) <= max_tokens, else it is over-long."""
+    """Token budget of one packed micro-batch per rank (one row of the packed forward). A pair needs
+    len(chosen) + len(rejected) <= max_tokens, else it is over-long. With train.sequence_parallel_size = SP, a row
+    is split over SP ranks, so row and pair budget are max_tokens x SP."""
     overlong: Literal["drop", "truncate_prompt_left"] = "drop"
     """drop = skip over-long pairs (counted); truncate_prompt_left = cut prompt tokens from the left. A response's
     end is never cut."""
@@ -184,8 +196,10 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     """The objective and its options."""
     sequence_parallel_size: int = 1
-    """Ranks that split one packed row along the sequence (Ulysses); the world is split into world / SP
-    data-parallel groups."""
+    """Ranks that split one packed row along the sequence (DeepSpeed Ulysses, btrm.sequence_parallel); the world
+    is split into world / SP data-parallel groups of SP consecutive ranks. Must divide the world size; the model's
+    attention heads must divide by it, its key/value heads divide by it or it by them. Needs attention segment,
+    varlen or flash_attention_2."""
 
 
 @dataclass
@@ -248,8 +262,6 @@ class Config:
             ("model.name_or_path", bool(self.model.name_or_path), "must be set"),
             ("train.global_batch_pairs", self.train.global_batch_pairs > 0, "must be > 0"),
             ("train.sequence_parallel_size", self.train.sequence_parallel_size >= 1, "must be >= 1"),
-            ("train.sequence_parallel_size", self.train.sequence_parallel_size == 1,
-             "> 1 is not built yet (issue 14)"),
             ("optim.lr", self.optim.lr >= 0, "must be >= 0"),
             ("data.max_length", self.data.max_length > 1, "must be > 1"),
             ("data.max_tokens", self.data.max_tokens >= 2, "must be >= 2"),

@@ -1,9 +1,11 @@
 """The distributed layout of this process, set up once and passed to whoever needs it.
 
 `rank` / `world_size` count every process (logging, checkpoint writing and collectives use them);
-`dp_rank` / `dp_size` count the data-parallel replicas the step's items are dealt to. Today every rank is its own
-replica (dp == global). Sequence parallelism will put several ranks in one replica: they share a dp rank, split
-each packed row between them, and `setup_distributed` is the one place that decides the split.
+`dp_rank` / `dp_size` count the data-parallel replicas the step's items are dealt to. With sequence parallelism
+(`train.sequence_parallel_size` = SP > 1, btrm.sequence_parallel) the SP consecutive ranks g*SP .. g*SP + SP - 1
+form replica g (the grouping DeepSpeed's `parallel_state_sp` builds): they share a dp rank, run the same
+micro-steps and split each packed row between them, rank `sp_rank` of the group holding its `sp_rank`-th slice.
+`setup_distributed` is the one place that decides the split.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 
 from btrm.cpu import retain_freed_memory, share_cpu_threads
+from btrm.errors import UserError
 
 
 @dataclass
@@ -28,6 +31,10 @@ class Dist:
     device: torch.device
     dp_rank: int
     dp_size: int
+    sp_rank: int = 0
+    sp_size: int = 1
+    sp_group: object = None
+    """The process group of this rank's SP group (set by btrm.sequence_parallel.enable; None without SP)."""
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -108,9 +115,9 @@ def _mapped_paths() -> set[Path]:
     return out
 
 
-def setup_distributed(timeout_s: float = 600.0) -> Dist:
+def setup_distributed(timeout_s: float = 600.0, sp_size: int = 1) -> Dist:
     """Works under the deepspeed launcher, torchrun, and a plain `python train.py` (one process). `timeout_s` bounds
-    every collective (DeepSpeed's default is 10 minutes)."""
+    every collective (DeepSpeed's default is 10 minutes); `sp_size` ranks share each data-parallel replica."""
     from datetime import timedelta
 
     import deepspeed
@@ -120,6 +127,8 @@ def setup_distributed(timeout_s: float = 600.0) -> Dist:
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     deepspeed.init_distributed(verbose=False, timeout=timedelta(seconds=timeout_s))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if world % sp_size:
+        raise UserError(f"train.sequence_parallel_size={sp_size} does not divide the world size {world}")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -129,4 +138,5 @@ def setup_distributed(timeout_s: float = 600.0) -> Dist:
         share_cpu_threads()
         retain_freed_memory()
         release_shm_buffers(rank)
-    return Dist(rank, world, local_rank, device, dp_rank=rank, dp_size=world)
+    return Dist(rank, world, local_rank, device, dp_rank=rank // sp_size, dp_size=world // sp_size,
+                sp_rank=rank % sp_size, sp_size=sp_size)

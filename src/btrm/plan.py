@@ -71,7 +71,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from btrm.config import Config, load_config
+from btrm.config import Config, load_config, sp_heads_error
 from btrm.errors import UserError
 from btrm.train.ds_config import PREFETCH_BUCKET_ZERO3, REDUCE_BUCKET, REDUCE_BUCKET_ZERO3
 
@@ -250,11 +250,8 @@ def sp_layout_error(a: Arch, sp: int, world: int) -> str | None:
         return f"{key} must be >= 1"
     if world % sp:
         return f"{key} does not divide the {world} GPUs"
-    if a.heads % sp:
-        return f"{key} does not divide the model's {a.heads} attention heads (Ulysses splits heads SP-way)"
-    if a.kv_heads % sp and sp % a.kv_heads:
-        return f"{key} and the model's {a.kv_heads} key/value heads do not divide one another"
-    return None
+    why = sp_heads_error(sp, a.heads, a.kv_heads)
+    return f"{key}: {why}" if why else None
 
 
 @dataclass

@@ -38,10 +38,18 @@ def test_unknown_key_names_dotted_path(tmp_path):
     ("--deepspeed.zero_stage=4", "deepspeed.zero_stage"),
     ("--data.overlong=cut", "data.overlong"),
     ("--model.gradient_checkpointing=maybe", "model.gradient_checkpointing"),
+    ("--train.sequence_parallel_size=0", "train.sequence_parallel_size"),
 ])
 def test_invalid_values_name_the_path(tmp_path, override, path):
     with pytest.raises(ConfigError, match=path.replace(".", r"\.")):
         load_config(_write(tmp_path, BASE), [override])
+
+
+def test_long_context_sequence_parallel_config_is_accepted(tmp_path):
+    # world size and head counts are checked where they are known (btrm.distributed, btrm.sequence_parallel)
+    cfg = load_config(_write(tmp_path, BASE), ["--data.max_length=131072", "--data.max_tokens=16384",
+                                               "--train.sequence_parallel_size=8"])
+    assert cfg.data.max_length == 131072 and cfg.train.sequence_parallel_size == 8
 
 
 def test_dump_and_reload_is_equal(tmp_path):

@@ -23,25 +23,26 @@ from trainhelp import REPO, env, launcher_cmd, metrics, shm_buffers, train, writ
 STEPS = 12
 
 
-def _config(tmp_path, model_dir, name, checkpoint_every=4, **model):
+def _config(tmp_path, model_dir, name, checkpoint_every=4, sp=1, **model):
     d = tmp_path / name
     d.mkdir()
     data_file = write_preference_jsonl(tmp_path / "pairs.jsonl", 200, seed=1)
     return write_config(d, model_dir, data_file, model=model,
                         optim={"lr": 2e-3, "scheduler": "cosine", "warmup_steps": 2, "weight_decay": 0.01},
-                        train={"max_steps": STEPS, "global_batch_pairs": 16},
+                        train={"max_steps": STEPS, "global_batch_pairs": 16, "sequence_parallel_size": sp},
                         checkpoint={"every": checkpoint_every, "keep_last": 5}, deepspeed={"zero_stage": 2}), d / "out"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", [{}, {"lora": {"r": 4, "alpha": 8}}], ids=["full", "lora"])
-def test_kill9_then_resume_is_exact(tmp_path, tiny_llama_dir, model):
+@pytest.mark.parametrize("model, sp", [({}, 1), ({"lora": {"r": 4, "alpha": 8}}, 1), ({}, 2)],
+                         ids=["full", "lora", "sequence-parallel"])
+def test_kill9_then_resume_is_exact(tmp_path, tiny_llama_dir, model, sp):
     if model.get("lora"):
         pytest.importorskip("peft")
-    straight_cfg, straight_out = _config(tmp_path, tiny_llama_dir, "straight", **model)
+    straight_cfg, straight_out = _config(tmp_path, tiny_llama_dir, "straight", sp=sp, **model)
     assert shm_buffers(train(straight_cfg, 2).args) == []  # a run that ended normally left none
 
-    killed_cfg, killed_out = _config(tmp_path, tiny_llama_dir, "killed", **model)
+    killed_cfg, killed_out = _config(tmp_path, tiny_llama_dir, "killed", sp=sp, **model)
     proc = subprocess.Popen(launcher_cmd(killed_cfg, 2), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600

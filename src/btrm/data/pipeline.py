@@ -18,6 +18,7 @@ preparers never race and a run killed mid-way leaves nothing that a later run wo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -387,6 +388,13 @@ def load_prepared(root: Path, in_memory: bool = False):
 # `btrm data prepare`
 
 
+def row_data(cfg) -> DataConfig:
+    """The data settings a packed row is built with: `data.max_tokens` is per rank, so with sequence parallelism a
+    row (and so a pair) may hold max_tokens x train.sequence_parallel_size tokens (btrm.sequence_parallel)."""
+    sp = cfg.train.sequence_parallel_size
+    return cfg.data if sp == 1 else dataclasses.replace(cfg.data, max_tokens=cfg.data.max_tokens * sp)
+
+
 def load_tokenizer(cfg):
     """The tokenizer training renders with (pad token set as the trainer sets it: it is part of the cache key)."""
     from transformers import AutoTokenizer
@@ -414,9 +422,10 @@ def prepare_command(config: str, overrides: list[str], num_proc: int | None) -> 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = resolve_builtins(load_config(config, overrides), True, lambda: None)
     tok = load_tokenizer(cfg)
-    root = cache_root(cfg.data, tok, cfg.train.seed)
+    data = row_data(cfg)
+    root = cache_root(data, tok, cfg.train.seed)
     t0 = time.perf_counter()
-    built = prepare_cache(cfg.data, tok, cfg.train.seed, root, num_proc)
+    built = prepare_cache(data, tok, cfg.train.seed, root, num_proc)
     report = json.loads((root / "report.json").read_text())
     print(format_report(report))
     print(f"{'prepared' if built else 'already prepared'}: {root}" + (f" in {time.perf_counter() - t0:.0f} s"
@@ -450,10 +459,11 @@ def prepare_for_training(cfg):
         for path in (Path(b) for b, o in zip(built, original) if b != o):
             wait_for(path, "built-in")
     tokenizer = load_tokenizer(resolved)
-    root = cache_root(resolved.data, tokenizer, resolved.train.seed)
+    data = row_data(resolved)
+    root = cache_root(data, tokenizer, resolved.train.seed)
     if preparer:
         t0 = time.perf_counter()
-        if prepare_cache(resolved.data, tokenizer, resolved.train.seed, root):
+        if prepare_cache(data, tokenizer, resolved.train.seed, root):
             log.warning("tokenized data cached in %s (%.0f s)", root, time.perf_counter() - t0)
     else:
         wait_for(root / "done.json", "data cache", "prepared by " + ("global rank 0; if caches are node-local, set "

@@ -47,6 +47,10 @@ def build_ds_config(cfg: Config, dp_size: int, dtype: torch.dtype, device_type: 
         "steps_per_print": 10**9,  # our logger reports; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }
+    if cfg.train.sequence_parallel_size > 1:  # read where DeepSpeed has no SP groups yet (ZeRO-3's partitioned load)
+        out["sequence_parallel_size"] = cfg.train.sequence_parallel_size
+        if ds.zero_stage == 3:  # ZeRO-3 then averages over every rank: the trainer's loss scale counts on it
+            zero["reduce_scatter"] = True
     if dtype == torch.bfloat16 and ds.zero_stage >= 1:
         out["data_types"] = {"grad_accum_dtype": "fp32"}
     elif dtype == torch.bfloat16:  # DeepSpeed has no fp32 accumulation without ZeRO (it raises for that mix)

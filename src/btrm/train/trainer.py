@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 import btrm
-from btrm import attention, calibration, lora
+from btrm import attention, calibration, lora, sequence_parallel
 from btrm.config import Config, dump_yaml, to_dict
 from btrm.data.dataset import PreparedData, StepSampler, TokenizedPairs, rank_micro_batches
 from btrm.data.packing import assign_to_ranks, best_fit_decreasing, collate_pairs, packing_efficiency
@@ -38,13 +38,17 @@ log = logging.getLogger("btrm")
 
 
 class RewardWrapper(torch.nn.Module):
-    """What DeepSpeed wraps: PackedBatch -> rewards per sequence."""
+    """What DeepSpeed wraps: PackedBatch -> rewards per sequence (the row split over the SP group when `dist` has
+    one, btrm.sequence_parallel)."""
 
-    def __init__(self, rm):
+    def __init__(self, rm, dist=None):
         super().__init__()
         self.rm = rm
+        self.dist = dist
 
     def forward(self, batch):
+        if self.dist is not None and self.dist.sp_size > 1:
+            return sequence_parallel.rewards(self.rm, batch, self.dist)
         return packed_rewards(self.rm, batch)
 
 
@@ -62,8 +66,10 @@ class Trainer:
         # collective (which would time out); a cache that `btrm data prepare` wrote is memory-mapped at once.
         # self.cfg stays as written (built-ins unresolved): checkpoints save that
         cfg, self.tokenizer, self.data = prepare_for_training(cfg)
-        self.dist = setup_distributed(cfg.deepspeed.timeout_s)
+        self.dist = setup_distributed(cfg.deepspeed.timeout_s, cfg.train.sequence_parallel_size)
         d = self.dist
+        # a packed row: data.max_tokens per rank, so an SP group's row holds max_tokens x SP (btrm.sequence_parallel)
+        self.row_tokens = cfg.data.max_tokens * d.sp_size
         self.is_main = d.rank == 0  # the launcher's RANK may only be set by init (MPI discovery)
         torch.manual_seed(cfg.train.seed)
         self.out = Path(cfg.train.output_dir)
@@ -88,6 +94,13 @@ class Trainer:
 
             self._hf_ds = HfDeepSpeedConfig(self.ds_config)  # must be alive during from_pretrained: partitioned load
         attn = attention.select(cfg.model.attn_implementation, d.device, self.dtype)
+        if d.sp_size > 1:  # before loading: a wrong size fails in seconds
+            from transformers import AutoConfig
+
+            model_config = AutoConfig.from_pretrained(cfg.model.name_or_path,
+                                                      trust_remote_code=cfg.model.trust_remote_code)
+            sequence_parallel.check_attention(attn, d.sp_size)
+            sequence_parallel.check_model(model_config, d.sp_size)
         use_lora = lora.enabled(cfg.model.lora)
         if use_lora:
             lora.check_available(cfg.model.lora, d.device)
@@ -100,16 +113,22 @@ class Trainer:
             enable_activation_checkpointing(rm)
         rm.config.use_cache = False
         self.rm = rm
+        # DeepSpeed's Ulysses attention around ours, and its SP groups for deepspeed.initialize
+        mpu = sequence_parallel.enable(rm, attn, d) if d.sp_size > 1 else None
         self.share = cfg.data.share_prompt  # the prompt of a pair once per row: every backend can take the layout
         self.n_params = non_embedding_params(rm)
         self.shape = model_shape(rm.config)
-        wrapper = RewardWrapper(rm)
+        wrapper = RewardWrapper(rm, d)
         import deepspeed
 
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=wrapper, optimizer=build_optimizer(cfg, wrapper, d.device),
-            lr_scheduler=lr_scheduler(cfg.optim, self.total_steps), config=self.ds_config)
+            lr_scheduler=lr_scheduler(cfg.optim, self.total_steps), config=self.ds_config, mpu=mpu)
         self.objective = build_objective(cfg.train.loss)
+        # What DeepSpeed divides the summed gradients by: the data-parallel replicas (it sums over the SP ranks of
+        # one, btrm.sequence_parallel), except that ZeRO-3's reduce-scatter divides by every rank, SP or not
+        # (DeepSpeed 0.19.8; ds_config keeps reduce_scatter on so that this holds).
+        self.grad_divisor = d.world_size if cfg.deepspeed.zero_stage == 3 else d.dp_size
         self.peak = peak_flops(torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu")
 
         # --- resume, logging, signals
@@ -175,13 +194,14 @@ class Trainer:
         if d.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(d.device)
         pairs = self.sampler.step_pairs(step)
-        micro, plan, sizes = rank_micro_batches(self.data.train, pairs, cfg.data.max_tokens, d.dp_size, d.dp_rank,
+        micro, plan, sizes = rank_micro_batches(self.data.train, pairs, self.row_tokens, d.dp_size, d.dp_rank,
                                                 self.share)
         # Each comparison (a pair's one, a group's ordered pairs or Plackett-Luce terms) weighs 1/N of the step:
-        # summed losses / the step's global unit count (= the pair count for pairs). DeepSpeed averages the
-        # gradients over data-parallel ranks, so scale by dp_size to turn its mean back into a sum.
-        units = d.sum([float(sum(self.objective.units(b) for b in micro))])[0]
-        scale = d.dp_size / max(units, 1.0)
+        # summed losses / the step's global unit count (= the pair count for pairs). The ranks of an SP group run
+        # the same micro-steps, so the world's sum counts each unit sp_size times. DeepSpeed averages the
+        # gradients (self.grad_divisor), so scale by what it divides by to turn its mean back into a sum.
+        units = d.sum([float(sum(self.objective.units(b) for b in micro))])[0] / d.sp_size
+        scale = self.grad_divisor / max(units, 1.0)
         sums: dict[str, float] = {}
         engine.train()
         for i, batch in enumerate(micro):
@@ -201,7 +221,7 @@ class Trainer:
             lr=self.scheduler.get_last_lr()[0] if self.scheduler else cfg.optim.lr,
             grad_norm=_float(engine.get_global_grad_norm()),
             pairs_per_s=len(pairs) / dt, tokens_per_s=tokens / dt, step_time_s=dt,
-            packing=packing_efficiency(bins, sizes, cfg.data.max_tokens),
+            packing=packing_efficiency(bins, sizes, self.row_tokens),
             prompt_tokens_saved=1.0 - sum(sizes) / max(tokens, 1),  # share of the tokens not run, by sharing prompts
             micro_steps=len(micro), epoch=step / self.sampler.steps_per_epoch)
         if self.peak:
@@ -225,9 +245,11 @@ class Trainer:
         return loss, sums, rewards
 
     def _reduce(self, sums: dict[str, float]) -> dict[str, float]:
-        """This rank's metric sums -> summed over ranks -> the objective's logged metrics."""
+        """This rank's metric sums -> summed over ranks -> the objective's logged metrics. The ranks of an SP group
+        hold the same sums (the same rewards): count each group once."""
         keys = sorted(sums)  # the objective returns the same keys on every rank
-        return self.objective.finalize(dict(zip(keys, self.dist.sum([sums[k] for k in keys]))))
+        total = self.dist.sum([sums[k] for k in keys])
+        return self.objective.finalize({k: v / self.dist.sp_size for k, v in zip(keys, total)})
 
     # ------------------------------------------------------------------------------------------------------------------
 
@@ -237,9 +259,9 @@ class Trainer:
         ev: TokenizedPairs | None = self.data.eval
         if ev is None or len(ev) == 0:
             return {}
-        cfg, d = self.cfg, self.dist
+        d = self.dist
         sizes = ev.packed_sizes(self.share).tolist()
-        plan = assign_to_ranks(best_fit_decreasing(sizes, cfg.data.max_tokens), sizes, d.dp_size)
+        plan = assign_to_ranks(best_fit_decreasing(sizes, self.row_tokens), sizes, d.dp_size)
         self.engine.eval()
         sums: dict[str, float] = {}
         ranking: dict[str, float] = {}  # per-item ranking metrics, of the model and of the length-only baseline
@@ -262,7 +284,7 @@ class Trainer:
         self.engine.train()
         total = self._reduce(sums)
         merged: dict[str, list[float]] = {}
-        for part in d.gather_objects(groups):
+        for part in d.gather_objects(groups)[::d.sp_size]:  # SP rank 0 of each group (consecutive ranks)
             for k, (a, n) in part.items():
                 m = merged.setdefault(k, [0.0, 0.0])
                 m[0] += a
@@ -270,7 +292,7 @@ class Trainer:
         out = {f"eval/{k}": v for k, v in total.items()}
         keys = ["groups", "top1", "kendall_tau", "length_top1", "length_kendall_tau", "responses", "reward",
                 "reward_sq"]
-        rk = dict(zip(keys, d.sum([ranking.get(k, 0.0) for k in keys])))
+        rk = {k: v / d.sp_size for k, v in zip(keys, d.sum([ranking.get(k, 0.0) for k in keys]))}  # SP: as _reduce
         n, m = max(rk["groups"], 1.0), max(rk["responses"], 1.0)
         out.update({"eval/top1_accuracy": rk["top1"] / n, "eval/kendall_tau": rk["kendall_tau"] / n,
                     "eval/groups": rk["groups"], "eval/responses": rk["responses"],
