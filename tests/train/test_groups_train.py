@@ -1,6 +1,7 @@
 """Ranked groups on a real `deepspeed` run (issue 13): pairs and groups of 4 mixed in one source list; 2 CPU ranks
-and 1 rank, packed under different token budgets, take the same steps (the step loss is the mean over the step's
-comparisons, so neither packing, micro-batching nor world size moves it). Plain SGD as in test_share_prompt."""
+and 1 rank, packed under different token budgets, and 2 ranks with sequence parallelism take the same steps (the
+step loss is the mean over the step's comparisons, so neither packing, micro-batching, world size nor SP moves it).
+Plain SGD as in test_share_prompt."""
 
 import pytest
 
@@ -14,26 +15,31 @@ def test_mixed_pairs_and_groups_two_ranks_equal_one(tmp_path, tiny_llama_dir):
     pairs = write_preference_jsonl(tmp_path / "pairs.jsonl", 40, seed=2)
     groups = write_jsonl(tmp_path / "groups.jsonl", make_group_rows(40, seed=2))
     out = {}
-    for nproc, max_tokens in ((2, 900), (1, 500)):
-        run = tmp_path / f"ranks-{nproc}"
+    # 2 data-parallel ranks; 1 rank; 2 ranks splitting each row by sequence parallelism (max_tokens is per rank,
+    # so the SP run packs the 1-rank run's rows: each group's comparisons must still be counted once, not per rank)
+    for name, nproc, max_tokens, sp in (("dp2", 2, 900, 1), ("one", 1, 500, 1), ("sp2", 2, 250, 2)):
+        run = tmp_path / name
         run.mkdir()
         config = write_config(run, tiny_llama_dir, pairs, optim={"name": "sgd", "lr": 1.0, "grad_clip": 0.0},
                               data={"sources": [{"path": str(pairs)}, {"path": str(groups)}], "max_tokens": max_tokens,
                                     "eval_fraction": 0.2},
-                              train={"max_steps": 3, "global_batch_pairs": 12, "eval_every": 2},
+                              train={"max_steps": 3, "global_batch_pairs": 12, "eval_every": 2,
+                                     "sequence_parallel_size": sp},
                               deepspeed={"zero_stage": 2})
         train(config, nproc)
-        out[nproc] = metrics(run / "out")
-    two, one = out[2], out[1]
-    assert sorted(two) == sorted(one) == [1, 2, 3]
-    for step in (1, 2, 3):
-        assert two[step]["pairs"] == one[step]["pairs"] > 12  # comparisons: a group of 4 gives 6
-        for key in ("loss", "accuracy", "chosen_reward", "rejected_reward", "grad_norm"):
-            assert abs(two[step][key] - one[step][key]) <= 1e-5, (step, key, two[step][key], one[step][key])
+        out[name] = metrics(run / "out")
+    one = out["one"]
     assert one[1]["micro_steps"] >= 2  # the 1-rank run accumulated over several packed rows
-    for key in ("eval/loss", "eval/top1_accuracy", "eval/kendall_tau", "eval/longer_wins_accuracy"):
-        assert abs(two[2][key] - one[2][key]) <= 1e-5, key
-    assert two[2]["eval/groups"] == one[2]["eval/groups"] > 0
+    for name in ("dp2", "sp2"):
+        two = out[name]
+        assert sorted(two) == sorted(one) == [1, 2, 3]
+        for step in (1, 2, 3):
+            assert two[step]["pairs"] == one[step]["pairs"] > 12  # comparisons: a group of 4 gives 6
+            for key in ("loss", "accuracy", "chosen_reward", "rejected_reward", "grad_norm"):
+                assert abs(two[step][key] - one[step][key]) <= 1e-5, (name, step, key, two[step][key], one[step][key])
+        for key in ("eval/loss", "eval/top1_accuracy", "eval/kendall_tau", "eval/longer_wins_accuracy"):
+            assert abs(two[2][key] - one[2][key]) <= 1e-5, (name, key)
+        assert two[2]["eval/groups"] == one[2]["eval/groups"] > 0, name
 
 
 @pytest.mark.slow
