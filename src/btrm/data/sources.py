@@ -365,6 +365,13 @@ def normalize_group(row: dict, src: SourceConfig, origin: str, name: str, scorin
             raise BadRow("bad_ranking", label, f"{ranking!r} is not a permutation of 0..{len(convs) - 1}", origin)
         order = list(range(len(convs))) if scoring else list(ranking)
         scores = [-float(ranking.index(i)) for i in range(len(convs))] if scoring else None
+    return Group([convs[i] for i in order], [float(scores[i]) for i in order] if scores is not None else None,
+                 *_row_extras(get, col, origin, name), origin)
+
+
+def _row_extras(get: dict, col: dict, origin: str, name: str) -> tuple[float | None, str, str | None]:
+    """A row's margin (a finite number or None), source (its own source column wins over the source's name) and
+    category, for pairs and groups alike."""
     margin = get["margin"]
     if margin is not None:
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
@@ -372,8 +379,7 @@ def normalize_group(row: dict, src: SourceConfig, origin: str, name: str, scorin
         margin = float(margin)
     category, row_source = get["category"], get["source"]
     source = row_source if isinstance(row_source, str) and row_source else name
-    return Group([convs[i] for i in order], [float(scores[i]) for i in order] if scores is not None else None,
-                 margin, source, None if category is None else str(category), origin)
+    return margin, source, None if category is None else str(category)
 
 
 def is_group_row(row: dict, src: SourceConfig) -> bool:
@@ -418,14 +424,7 @@ def normalize_row(row: Any, src: SourceConfig, origin: str, name: str) -> Pair |
         raise BadRow("prompt_mismatch", col["rejected"], "chosen and rejected have different prompt turns", origin)
     if chosen[-1]["content"] == rejected[-1]["content"]:
         raise BadRow("identical_responses", col["rejected"], "", origin)
-    margin = get["margin"]
-    if margin is not None:
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-            raise BadRow("bad_margin", col["margin"], repr(margin), origin)
-        margin = float(margin)
-    category, row_source = get["category"], get["source"]
-    source = row_source if isinstance(row_source, str) and row_source else name  # a row's own source column wins
-    pair = Pair(chosen, rejected, margin, source, None if category is None else str(category), origin)
+    pair = Pair(chosen, rejected, *_row_extras(get, col, origin, name), origin)
     return pair.swapped() if src.swap else pair
 
 
