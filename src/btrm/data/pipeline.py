@@ -1,15 +1,19 @@
 """Streaming data preparation: source files -> validate -> render -> tokenize -> split / weight -> on-disk cache.
 
-Every stage is an Arrow dataset on disk, so memory stays bounded whatever the number of pairs:
-  1. read     `Dataset.from_generator` streams raw rows of every source (pickled as read; jsonl lines unparsed)
-              to Arrow;
-  2. convert  one batched `map` (`num_proc` processes) validates, renders and tokenizes each row once, applies the
-              over-long policy and decides the held-out split by content hash; skipped rows stay as rows with their reason;
-  3. order    per-source counts and reasons come from column scans (so they merge across processes by
-              construction); source weights (repeat / subsample) and the held-out split are index arithmetic on
-              NumPy arrays (8 bytes per pair), never a Python list of pairs;
-  4. write    `select(indices)` + `save_to_disk`, plus `<split>_sizes.npy` and `<split>_chosen_len.npy` (tokens per
-              pair, and of its chosen side) that training memory-maps for the step sampler and the packing plans.
+Every stage is an Arrow file on disk, and the sources go through stages 1-2 in segments of about SEGMENT_BYTES, so
+the memory a process holds, memory-mapped pages of those files included, stays bounded whatever the number of pairs:
+  1. read     raw rows of every source are streamed (pickled as read; jsonl lines unparsed) into one Arrow file per
+              segment;
+  2. convert  one batched `map` per segment (`num_proc` processes) validates, renders and tokenizes each row once,
+              applies the over-long policy and decides the held-out split by content hash; skipped rows stay as rows
+              with their reason. The segment's raw file is deleted and its maps closed before the next is read;
+  3. order    per-source counts and reasons come from column scans of the converted segments (so they merge across
+              processes by construction); source weights (repeat / subsample) and the held-out split are index
+              arithmetic on NumPy arrays (8 bytes per pair), never a Python list of pairs;
+  4. write    the ordered rows are copied to `<split>/data.arrow` in chunks of about WRITE_CHUNK_BYTES, each mapping
+              only the segment files it reads, plus `<split>_sizes.npy`, `<split>_chosen_len.npy` and
+              `<split>_prefix_len.npy` (tokens per pair, of its chosen side, shared by both) that training
+              memory-maps for the step sampler and the packing plans.
 The result (ids, order, report) equals the list-based `prepare_data` on the same data; tests/core/test_pipeline.py
 checks it. The cache directory is written under a file lock into `<key>.tmp` and renamed when complete, so two
 preparers never race and a run killed mid-way leaves nothing that a later run would trust.
