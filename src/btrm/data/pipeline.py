@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import math
@@ -118,7 +119,7 @@ def _raw_segments(sources: list[SourceConfig], work: Path) -> Iterator[Path]:
     features = Features({"src": Value("int32"), "origin": Value("string"), "raw": Value("binary")})
     rows = _raw_rows(list(enumerate(sources)))
     work.mkdir(parents=True, exist_ok=True)
-    for seg in range(2**31):
+    for seg in itertools.count():
         row = next(rows, None)
         if row is None:
             return
