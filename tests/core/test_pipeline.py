@@ -200,7 +200,7 @@ def test_segments_and_chunked_write_change_nothing(tmp_path, tok, monkeypatch):
     from datasets import Dataset
 
     monkeypatch.setattr(pipeline, "SEGMENT_BYTES", 430_000)
-    monkeypatch.setattr(pipeline, "WRITE_CHUNK_BYTES", 20_000)  # about 40 pairs
+    monkeypatch.setattr(pipeline, "WRITE_CHUNK_BYTES", 20_000)  # a chunk per record batch read
     cfg = DataConfig(sources=_mixed_sources(tmp_path), eval_fraction=0.3, max_length=160, max_tokens=300, num_proc=2)
     segments = [len(Dataset.from_file(str(f))) for f in pipeline._raw_segments(cfg.sources, tmp_path / "seg")]
     assert segments == [1047, 134]  # a.jsonl has 1101 rows: its last 54 share a segment with b and c
