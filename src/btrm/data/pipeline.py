@@ -310,9 +310,9 @@ def write_split(ds, rows: np.ndarray, path: Path) -> int:
     training memory-maps: `<split>_sizes.npy` (chosen + rejected), `<split>_chosen_len.npy` and
     `<split>_prefix_len.npy` (the tokens both share), int32.
 
-    `ds` is `convert_sources`' memory-mapped segments. The rows are copied in chunks of about WRITE_CHUNK_BYTES of
-    token ids; each chunk maps only the segment files its rows lie in and unmaps them when written, so the pages
-    read never add up to the whole split in memory."""
+    `ds` is `convert_sources`' memory-mapped segments. The rows are copied in chunks whose record batches hold about
+    WRITE_CHUNK_BYTES of token ids; each chunk maps only the segment files its rows lie in and unmaps them when
+    written, so the pages read never add up to the whole split in memory."""
     import gc
 
     import pyarrow as pa
