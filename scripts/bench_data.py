@@ -69,6 +69,8 @@ class PeakMemory:
                 kv = dict(line.split(":", 1) for line in f if line.startswith(("RssAnon", "VmRSS")))
         except OSError:
             return
+        if "RssAnon" not in kv:  # a worker that has exited (a zombie until its pool reaps it)
+            return
         self.peak[f"{who}_anon"] = max(self.peak[f"{who}_anon"], int(kv["RssAnon"].split()[0]) / 1024)
         self.peak[f"{who}_rss"] = max(self.peak[f"{who}_rss"], int(kv["VmRSS"].split()[0]) / 1024)
 
@@ -76,11 +78,17 @@ class PeakMemory:
         import json
         import sys
 
+        import psutil
+
         t0 = time.monotonic()
         next_report = 60.0
         while not self.stop.wait(0.2):
             self._sample(self.me, "main")
-            for child in self.me.children(recursive=True):
+            try:  # each segment's `map` starts and ends its own pool of workers
+                children = self.me.children(recursive=True)
+            except psutil.Error:
+                children = []
+            for child in children:
                 self._sample(child, "worker")
             if time.monotonic() - t0 >= next_report:  # a long run shows its peaks so far on stderr
                 print(json.dumps({"elapsed_s": round(next_report), **self.peak}), file=sys.stderr, flush=True)

@@ -21,9 +21,9 @@ from btrm.data.sources import source_files
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 5  # bump when tokenization or the cache layout changes (2: pairs rendering to the same ids dropped;
+CACHE_VERSION = 6  # bump when tokenization or the cache layout changes (2: pairs rendering to the same ids dropped;
 # 3: written by btrm.data.pipeline: int32 ids, .npy token counts; 4: prefix_len, the prompt a pair shares;
-# 5: ranked groups: more_ids, scores, seq_lens)
+# 5: ranked groups: more_ids, scores, seq_lens; 6: each split one Arrow file, <split>/data.arrow, written in chunks)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,15 +1,19 @@
 """Streaming data preparation: source files -> validate -> render -> tokenize -> split / weight -> on-disk cache.
 
-Every stage is an Arrow dataset on disk, so memory stays bounded whatever the number of pairs:
-  1. read     `Dataset.from_generator` streams raw rows of every source (pickled as read; jsonl lines unparsed)
-              to Arrow;
-  2. convert  one batched `map` (`num_proc` processes) validates, renders and tokenizes each row once, applies the
-              over-long policy and decides the held-out split by content hash; skipped rows stay as rows with their reason;
-  3. order    per-source counts and reasons come from column scans (so they merge across processes by
-              construction); source weights (repeat / subsample) and the held-out split are index arithmetic on
-              NumPy arrays (8 bytes per pair), never a Python list of pairs;
-  4. write    `select(indices)` + `save_to_disk`, plus `<split>_sizes.npy` and `<split>_chosen_len.npy` (tokens per
-              pair, and of its chosen side) that training memory-maps for the step sampler and the packing plans.
+Every stage is an Arrow file on disk, and the sources go through stages 1-2 in segments of about SEGMENT_BYTES, so
+the memory a process holds, memory-mapped pages of those files included, stays bounded whatever the number of pairs:
+  1. read     raw rows of every source are streamed (pickled as read; jsonl lines unparsed) into one Arrow file per
+              segment;
+  2. convert  one batched `map` per segment (`num_proc` processes) validates, renders and tokenizes each row once,
+              applies the over-long policy and decides the held-out split by content hash; skipped rows stay as rows
+              with their reason. The segment's raw file is deleted and its maps closed before the next is read;
+  3. order    per-source counts and reasons come from column scans of the converted segments (so they merge across
+              processes by construction); source weights (repeat / subsample) and the held-out split are index
+              arithmetic on NumPy arrays (8 bytes per pair), never a Python list of pairs;
+  4. write    the ordered rows are copied to `<split>/data.arrow` in chunks of about WRITE_CHUNK_BYTES, each mapping
+              only the segment files it reads, plus `<split>_sizes.npy`, `<split>_chosen_len.npy` and
+              `<split>_prefix_len.npy` (tokens per pair, of its chosen side, shared by both) that training
+              memory-maps for the step sampler and the packing plans.
 The result (ids, order, report) equals the list-based `prepare_data` on the same data; tests/core/test_pipeline.py
 checks it. The cache directory is written under a file lock into `<key>.tmp` and renamed when complete, so two
 preparers never race and a run killed mid-way leaves nothing that a later run would trust.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import itertools
 import json
 import logging
 import math
@@ -121,27 +126,63 @@ def _features():
                      "skip_field": Value("string"), "skip_detail": Value("string")})
 
 
-def convert_sources(sources: list[SourceConfig], tokenizer, cfg: DataConfig, work: Path, eval_fraction: float,
-                    num_proc: int):
-    """One Arrow row per raw row of every source, validated and tokenized (stages 1 and 2)."""
-    from datasets import Dataset, Features, Value
+SEGMENT_BYTES = 256 * 2**20  # raw (pickled) rows per segment: bounds the memory-mapped pages a process touches
+WRITE_CHUNK_BYTES = 64 * 2**20  # token ids per chunk of the final write
+BLOCK_ROWS = 1000  # rows per Arrow record batch that `datasets` writes
+
+
+def _raw_segments(sources: list[SourceConfig], work: Path) -> Iterator[Path]:
+    """The raw rows of every source as Arrow files of about SEGMENT_BYTES each, written one at a time (the caller
+    converts and deletes each before the next is read)."""
+    from datasets import Features, Value
+    from datasets.arrow_writer import ArrowWriter
 
     features = Features({"src": Value("int32"), "origin": Value("string"), "raw": Value("binary")})
-    try:
-        raw = Dataset.from_generator(_raw_rows, gen_kwargs={"shards": list(enumerate(sources))},
-                                     cache_dir=str(work / "read"), features=features)
-    except ValueError as e:  # datasets builds no split from a generator that yields nothing (empty files)
-        if "corresponds to no data" not in str(e):
-            raise
-        return Dataset.from_dict({k: [] for k in _features()}, features=_features())
+    rows = _raw_rows(list(enumerate(sources)))
+    work.mkdir(parents=True, exist_ok=True)
+    for seg in itertools.count():
+        row = next(rows, None)
+        if row is None:
+            return
+        path = work / f"{seg:05d}.arrow"
+        writer = ArrowWriter(features=features, path=str(path))
+        size = 0
+        while row is not None:
+            writer.write(row)
+            size += len(row["raw"])
+            row = next(rows, None) if size < SEGMENT_BYTES else None
+        writer.finalize()
+        yield path
+
+
+def convert_sources(sources: list[SourceConfig], tokenizer, cfg: DataConfig, work: Path, eval_fraction: float,
+                    num_proc: int):
+    """One Arrow row per raw row of every source, validated and tokenized (stages 1 and 2), segment by segment: each
+    segment is read, converted by its own `map` and released (its raw file deleted, its memory maps closed) before
+    the next, so no process maps more than one segment whatever the number of pairs. Returns the converted segments
+    as one memory-mapped dataset (later stages scan its small columns only)."""
+    import gc
+
+    from datasets import Dataset, concatenate_datasets
+
     names = [source_name(s) for s in sources]
-    nproc = num_proc if num_proc > 1 and len(raw) >= 1000 else None
-    return raw.map(_convert_batch, batched=True, batch_size=256, num_proc=nproc, remove_columns=["raw"],
-                   features=_features(), desc="validating and tokenizing pairs", load_from_cache_file=False,
-                   cache_file_name=str(work / "convert" / "pairs.arrow"),
-                   fn_kwargs=dict(sources=sources, names=names, tokenizer=tokenizer, kwargs=cfg.chat_template_kwargs,
-                                  max_length=cfg.max_length, max_tokens=cfg.max_tokens, policy=cfg.overlong,
-                                  eval_fraction=eval_fraction))
+    files = []
+    for i, path in enumerate(_raw_segments(sources, work / "read")):
+        raw = Dataset.from_file(str(path))
+        nproc = num_proc if num_proc > 1 and len(raw) >= 1000 else None
+        done = raw.map(_convert_batch, batched=True, batch_size=256, num_proc=nproc, remove_columns=["raw"],
+                       features=_features(), desc=f"validating and tokenizing pairs (segment {i + 1})",
+                       load_from_cache_file=False, cache_file_name=str(work / "convert" / f"{i:05d}.arrow"),
+                       fn_kwargs=dict(sources=sources, names=names, tokenizer=tokenizer,
+                                      kwargs=cfg.chat_template_kwargs, max_length=cfg.max_length,
+                                      max_tokens=cfg.max_tokens, policy=cfg.overlong, eval_fraction=eval_fraction))
+        files += [f["filename"] for f in done.cache_files]
+        del raw, done
+        gc.collect()  # unmap the segment's files now
+        path.unlink()
+    if not files:  # no rows at all (empty files)
+        return Dataset.from_dict({k: [] for k in _features()}, features=_features())
+    return concatenate_datasets([Dataset.from_file(f) for f in files])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -271,14 +312,72 @@ FINAL_COLUMNS = ["margin", "source", "category", "origin", "chosen_ids", "reject
                  "seq_lens", "status", "num_tokens", "chosen_len", "prefix_len"]
 
 
+def _gather(tables: list, rows: np.ndarray):
+    """rows (indices into the tables one after the other) of the tables, in order, as one table: zero-copy slices of
+    runs of consecutive rows, so only those rows' pages are read."""
+    import pyarrow as pa
+
+    batches = [b for t in tables for b in t.to_batches()]
+    starts = np.cumsum([0] + [len(b) for b in batches])
+    which = np.searchsorted(starts, rows, side="right") - 1
+    cut = np.flatnonzero((np.diff(rows) != 1) | (np.diff(which) != 0)) + 1
+    first, ends = np.concatenate([[0], cut]), np.concatenate([cut, [len(rows)]])
+    return pa.Table.from_batches([batches[which[a]].slice(rows[a] - starts[which[a]], b - a)
+                                  for a, b in zip(first.tolist(), ends.tolist())], schema=tables[0].schema)
+
+
 def write_split(ds, rows: np.ndarray, path: Path) -> int:
-    """The split's rows, in order, as a datasets directory, plus its per-pair token counts as .npy files that
+    """The split's rows, in order, as `<path>/data.arrow`, plus its per-pair token counts as .npy files that
     training memory-maps: `<split>_sizes.npy` (chosen + rejected), `<split>_chosen_len.npy` and
-    `<split>_prefix_len.npy` (the tokens both share), int32."""
-    ds.select_columns(FINAL_COLUMNS).select(rows).save_to_disk(str(path))
-    for name, column in (("sizes", "num_tokens"), ("chosen_len", "chosen_len"), ("prefix_len", "prefix_len")):
-        np.save(path.with_name(f"{path.name}_{name}.npy"), _column(ds, column).to_numpy()[rows].astype(np.int32))
+    `<split>_prefix_len.npy` (the tokens both share), int32.
+
+    `ds` is `convert_sources`' memory-mapped segments. The rows are copied in chunks whose record batches hold about
+    WRITE_CHUNK_BYTES of token ids; each chunk maps only the segment files its rows lie in and unmaps them when
+    written, so the pages read never add up to the whole split in memory."""
+    import gc
+
+    import pyarrow as pa
+    from datasets import Features
+    from datasets.arrow_writer import ArrowWriter
+
+    sizes = {name: _column(ds, column).to_numpy()[rows].astype(np.int32)
+             for name, column in (("sizes", "num_tokens"), ("chosen_len", "chosen_len"), ("prefix_len", "prefix_len"))}
+    files = [f["filename"] for f in ds.cache_files]
+    path.mkdir(parents=True)
+    writer = ArrowWriter(features=Features({k: ds.features[k] for k in FINAL_COLUMNS}), path=str(path / "data.arrow"))
+    if len(rows):
+        bounds = np.cumsum([0] + [_num_rows(f) for f in files])
+        # a chunk's cost is the token ids of the record batches it reads, not of its rows: scattered rows (the
+        # held-out split) each map pages around them, so 1% of 1M rows in one chunk mapped 1.2 GB
+        block = rows // BLOCK_ROWS
+        block_bytes = np.bincount(np.arange(len(ds)) // BLOCK_ROWS,
+                                  weights=_column(ds, "num_tokens").to_numpy() * 4.0)
+        cost = np.where(np.diff(block, prepend=-1) != 0, block_bytes[block], 0.0)
+        chunk_of = (np.cumsum(cost) // WRITE_CHUNK_BYTES).astype(np.int64)
+        cuts = np.flatnonzero(np.diff(chunk_of)) + 1
+        for part in np.split(rows, cuts):
+            seg = np.searchsorted(bounds, part, side="right") - 1
+            used = np.unique(seg)
+            offset = np.cumsum([0] + [bounds[k + 1] - bounds[k] for k in used])
+            local = part - bounds[seg] + offset[np.searchsorted(used, seg)]
+            tables = []
+            for k in used.tolist():
+                with pa.memory_map(files[k]) as source:
+                    tables.append(pa.ipc.open_stream(source).read_all().select(FINAL_COLUMNS))
+            writer.write_table(_gather(tables, local))
+            del tables
+            gc.collect()
+    writer.finalize()
+    for name, values in sizes.items():
+        np.save(path.with_name(f"{path.name}_{name}.npy"), values)
     return len(rows)
+
+
+def _num_rows(file: str) -> int:
+    import pyarrow as pa
+
+    with pa.memory_map(file) as source:
+        return pa.ipc.open_stream(source).read_all().num_rows
 
 
 def build_cache(cfg: DataConfig, tokenizer, seed: int, out: Path, num_proc: int | None = None) -> dict:
@@ -370,12 +469,12 @@ def prepare_cache(cfg: DataConfig, tokenizer, seed: int, root: Path, num_proc: i
 def load_prepared(root: Path, in_memory: bool = False):
     """PreparedData memory-mapped from a complete cache directory (datasets and the .npy token counts), or read
     into memory (a directory about to be deleted)."""
-    from datasets import load_from_disk
+    from datasets import Dataset
 
     def split(name):
         if not (root / name).exists():
             return None
-        pairs = TokenizedPairs(load_from_disk(str(root / name), keep_in_memory=in_memory))
+        pairs = TokenizedPairs(Dataset.from_file(str(root / name / "data.arrow"), in_memory=in_memory))
         pairs._sizes, pairs._chosen_len, pairs._prefix_len = (
             np.load(root / f"{name}_{k}.npy", mmap_mode=None if in_memory else "r")
             for k in ("sizes", "chosen_len", "prefix_len"))
