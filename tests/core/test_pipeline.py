@@ -195,13 +195,12 @@ def test_prepare_cli_writes_the_trainer_cache_survives_a_kill_and_waits_for_the_
     assert_same(prepare_data(cfg.data, tok, cfg.train.seed), rows_of(load_prepared(root)))
 
 
-def test_segments_and_chunked_write_change_nothing(tmp_path, tok, monkeypatch):
-    """Sources read in several segments (one crossing a source boundary, one tokenized in 2 processes) and the
-    split written in many small chunks (repeated sources jump back across segment files) give the same cache."""
+def test_segments_and_batchwise_write_change_nothing(tmp_path, tok, monkeypatch):
+    """Sources read in several segments (one crossing a source boundary, one tokenized in 2 processes) give the same
+    cache; the write reads record batches across segment files out of order (repeated sources jump back)."""
     from datasets import Dataset
 
     monkeypatch.setattr(pipeline, "SEGMENT_BYTES", 430_000)
-    monkeypatch.setattr(pipeline, "WRITE_CHUNK_BYTES", 20_000)  # a chunk per record batch read
     cfg = DataConfig(sources=_mixed_sources(tmp_path), eval_fraction=0.3, max_length=160, max_tokens=300, num_proc=2)
     segments = [len(Dataset.from_file(str(f))) for f in pipeline._raw_segments(cfg.sources, tmp_path / "seg")]
     assert segments == [1047, 134]  # a.jsonl has 1101 rows: its last 54 share a segment with b and c

@@ -7,13 +7,14 @@ the memory a process holds, memory-mapped pages of those files included, stays b
   2. convert  one batched `map` per segment (`num_proc` processes) validates, renders and tokenizes each row once,
               applies the over-long policy and decides the held-out split by content hash; skipped rows stay as rows
               with their reason. The segment's raw file is deleted and its maps closed before the next is read;
-  3. order    per-source counts and reasons come from column scans of the converted segments (so they merge across
-              processes by construction); source weights (repeat / subsample) and the held-out split are index
-              arithmetic on NumPy arrays (8 bytes per pair), never a Python list of pairs;
-  4. write    the ordered rows are copied to `<split>/data.arrow` in chunks of about WRITE_CHUNK_BYTES, each mapping
-              only the segment files it reads, plus `<split>_sizes.npy`, `<split>_chosen_len.npy` and
-              `<split>_prefix_len.npy` (tokens per pair, of its chosen side, shared by both) that training
-              memory-maps for the step sampler and the packing plans.
+  3. order    one pass of plain reads (no memory map) over the converted segments copies their small columns
+              into NumPy arrays (about 20 bytes per pair) and counts rows read, kept and skipped per source (so
+              counts merge across processes by construction); source weights (repeat / subsample) and the held-out
+              split are index arithmetic on those arrays, never a Python list of pairs;
+  4. write    the ordered rows are copied to `<split>/data.arrow` one source record batch at a time (a plain read at
+              the batch's offset), plus `<split>_sizes.npy`, `<split>_chosen_len.npy` and `<split>_prefix_len.npy`
+              (tokens per pair, of its chosen side, shared by both) that training memory-maps for the step sampler
+              and the packing plans.
 The result (ids, order, report) equals the list-based `prepare_data` on the same data; tests/core/test_pipeline.py
 checks it. The cache directory is written under a file lock into `<key>.tmp` and renamed when complete, so two
 preparers never race and a run killed mid-way leaves nothing that a later run would trust.
@@ -127,8 +128,6 @@ def _features():
 
 
 SEGMENT_BYTES = 256 * 2**20  # raw (pickled) rows per segment: bounds the memory-mapped pages a process touches
-WRITE_CHUNK_BYTES = 64 * 2**20  # token ids per chunk of the final write
-BLOCK_ROWS = 1000  # rows per Arrow record batch that `datasets` writes
 
 
 def _raw_segments(sources: list[SourceConfig], work: Path) -> Iterator[Path]:
@@ -156,14 +155,14 @@ def _raw_segments(sources: list[SourceConfig], work: Path) -> Iterator[Path]:
 
 
 def convert_sources(sources: list[SourceConfig], tokenizer, cfg: DataConfig, work: Path, eval_fraction: float,
-                    num_proc: int):
+                    num_proc: int) -> list[str]:
     """One Arrow row per raw row of every source, validated and tokenized (stages 1 and 2), segment by segment: each
     segment is read, converted by its own `map` and released (its raw file deleted, its memory maps closed) before
-    the next, so no process maps more than one segment whatever the number of pairs. Returns the converted segments
-    as one memory-mapped dataset (later stages scan its small columns only)."""
+    the next, so no process maps more than one segment whatever the number of pairs. Returns the converted Arrow
+    files in row order; later stages read them with plain reads, never through a memory map."""
     import gc
 
-    from datasets import Dataset, concatenate_datasets
+    from datasets import Dataset
 
     names = [source_name(s) for s in sources]
     files = []
@@ -180,23 +179,100 @@ def convert_sources(sources: list[SourceConfig], tokenizer, cfg: DataConfig, wor
         del raw, done
         gc.collect()  # unmap the segment's files now
         path.unlink()
-    if not files:  # no rows at all (empty files)
-        return Dataset.from_dict({k: [] for k in _features()}, features=_features())
-    return concatenate_datasets([Dataset.from_file(f) for f in files])
+    return files
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Stage 3: reports, weights and the held-out split from column scans
+# Stage 3: one streamed scan of the converted rows; reports, weights and the held-out split by index arithmetic
 
 
-def _column(ds, name: str):
-    return ds.data.column(name)
+@dataclasses.dataclass
+class Scan:
+    """The converted rows' small columns as NumPy arrays (about 20 bytes per row) and where each record batch lies
+    in the files. Built by one pass of plain reads: a batch's buffers are freed once its columns are copied out, so
+    neither the heap nor memory-mapped pages grow with the token ids read."""
+
+    files: list[str]
+    schema: object  # the files' pyarrow schema
+    where: list[tuple[int, int]]  # (file, byte offset) of each record batch, in row order
+    starts: np.ndarray  # first row of each batch, and the number of rows last
+    src: np.ndarray  # int32: the source's index in the config
+    status: np.ndarray  # int8 code into STATUS_CODES
+    heldout: np.ndarray  # bool
+    source: np.ndarray  # int32 code into source_labels (the pair's own source name), -1 for a skipped row
+    source_labels: list[str]
+    num_tokens: np.ndarray  # int32 per row, likewise chosen_len and prefix_len
+    chosen_len: np.ndarray
+    prefix_len: np.ndarray
+    identical_origin: dict[int, str]  # row -> origin of rows whose responses render to the same ids (rare)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
 
 
-def _eq(ds, name: str, value: str) -> np.ndarray:
+STATUS_CODES = ["ok", "truncated", "trimmed", "dropped", IDENTICAL, STATUS_SKIP]
+
+
+def scan_rows(files: list[str], sources: list[SourceConfig], report: DataReport, strict: bool) -> Scan:
+    """Read the converted rows once, in order: the small columns into a Scan, and into `report` the rows read, kept
+    and skipped per source (skip reasons and their first example in row order, so counts from several tokenizing
+    processes merge by construction)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    return pc.fill_null(pc.equal(_column(ds, name), value), False).to_numpy(zero_copy_only=False)
+    names = [source_name(s) for s in sources]
+    cols: dict[str, list] = {k: [] for k in ("src", "status", "heldout", "source", "num_tokens", "chosen_len",
+                                            "prefix_len")}
+    where, starts, labels, identical, schema = [], [0], {}, {}, None
+    status_of = {s: i for i, s in enumerate(STATUS_CODES)}
+    for k, file in enumerate(files):
+        with pa.OSFile(file) as f:
+            messages = pa.ipc.MessageReader.open_stream(f)
+            schema = pa.ipc.read_schema(messages.read_next_message())
+            while True:
+                at = f.tell()
+                try:
+                    batch = pa.ipc.read_record_batch(messages.read_next_message(), schema)
+                except StopIteration:
+                    break
+                where.append((k, at))
+                first = starts[-1]
+                starts.append(first + batch.num_rows)
+                c = {name: batch.column(name) for name in batch.schema.names}
+                status = np.asarray([status_of[s] for s in c["status"].to_pylist()], dtype=np.int8)
+                cols["status"].append(status)
+                cols["src"].append(c["src"].to_numpy().astype(np.int32))
+                cols["heldout"].append(c["heldout"].to_numpy(zero_copy_only=False).astype(bool))
+                enc = pc.dictionary_encode(c["source"])
+                lut = np.asarray([labels.setdefault(x, len(labels)) for x in enc.dictionary.to_pylist()] + [-1],
+                                 dtype=np.int32)
+                cols["source"].append(lut[pc.fill_null(enc.indices, len(lut) - 1).to_numpy(zero_copy_only=False)])
+                for name in ("num_tokens", "chosen_len", "prefix_len"):
+                    cols[name].append(c[name].to_numpy().astype(np.int32))
+                for i in np.flatnonzero(status == status_of[STATUS_SKIP]).tolist():
+                    err = BadRow(c["skip_reason"][i].as_py(), c["skip_field"][i].as_py(), c["skip_detail"][i].as_py(),
+                                 c["origin"][i].as_py())
+                    if strict:
+                        raise err
+                    report.skip(names[c["src"][i].as_py()], err)
+                for i in np.flatnonzero(status == status_of[IDENTICAL]).tolist():
+                    identical[first + i] = c["origin"][i].as_py()
+                del batch, c
+    arrays = {k: np.concatenate(v) if v else np.zeros(0, dtype=bool if k == "heldout" else np.int32)
+              for k, v in cols.items()}
+    read = np.bincount(arrays["src"], minlength=len(sources))
+    kept = np.bincount(arrays["src"][arrays["status"] != status_of[STATUS_SKIP]], minlength=len(sources))
+    for k in range(len(sources)):
+        if read[k]:
+            report.read[names[k]] += int(read[k])
+        if kept[k]:
+            report.kept[names[k]] += int(kept[k])
+    return Scan(files, schema, where, np.asarray(starts, dtype=np.int64), source_labels=list(labels),
+                identical_origin=identical, **arrays)
+
+
+def _is(scan: Scan, status: str) -> np.ndarray:
+    return scan.status == STATUS_CODES.index(status)
 
 
 def _first_order_counts(codes: np.ndarray, labels: list[str]) -> dict[str, int]:
@@ -206,30 +282,6 @@ def _first_order_counts(codes: np.ndarray, labels: list[str]) -> dict[str, int]:
     uniq, first = np.unique(codes, return_index=True)
     counts = np.bincount(codes, minlength=len(labels))
     return {labels[u]: int(counts[u]) for u in uniq[np.argsort(first)]}
-
-
-def fill_source_report(ds, sources: list[SourceConfig], report: DataReport, strict: bool) -> None:
-    """read / kept / skipped per source and reason, and the first example of each reason (in row order)."""
-    names = [source_name(s) for s in sources]
-    src = _column(ds, "src").to_numpy()
-    skip = _eq(ds, "status", STATUS_SKIP)
-    skipped_rows = np.flatnonzero(skip)
-    if strict and len(skipped_rows):
-        first = ds[int(skipped_rows[0])]
-        raise BadRow(first["skip_reason"], first["skip_field"], first["skip_detail"], first["origin"])
-    read, kept = np.bincount(src, minlength=len(sources)), np.bincount(src[~skip], minlength=len(sources))
-    for k in range(len(sources)):
-        if read[k]:
-            report.read[names[k]] += int(read[k])
-        if kept[k]:
-            report.kept[names[k]] += int(kept[k])
-    # skipped rows are few: read their reasons in row order, in slices so memory stays bounded
-    for start in range(0, len(skipped_rows), 65536):
-        part = ds.select_columns(["src", "origin", "skip_reason", "skip_field", "skip_detail"])[
-            skipped_rows[start:start + 65536]]
-        for k, origin, reason, fld, detail in zip(part["src"], part["origin"], part["skip_reason"], part["skip_field"],
-                                                  part["skip_detail"]):
-            report.skip(names[k], BadRow(reason, fld, detail, origin))
 
 
 def sample_indices(n: int, k: int, seed: int) -> np.ndarray:
@@ -261,14 +313,13 @@ def sample_indices(n: int, k: int, seed: int) -> np.ndarray:
     return result
 
 
-def weighted_order(ds, sources: list[SourceConfig], seed: int) -> np.ndarray:
+def weighted_order(scan: Scan, sources: list[SourceConfig], seed: int) -> np.ndarray:
     """Row indices of every kept pair, source by source, repeated / subsampled by the source weight (the order the
     list-based loader produced)."""
-    src = _column(ds, "src").to_numpy()
-    kept = ~_eq(ds, "status", STATUS_SKIP)
+    kept = ~_is(scan, STATUS_SKIP)
     parts = []
     for k, s in enumerate(sources):
-        rows = np.flatnonzero(kept & (src == k))
+        rows = np.flatnonzero(kept & (scan.src == k))
         if s.weight != 1.0:
             whole, frac = int(s.weight), s.weight - int(s.weight)
             idx = np.tile(np.arange(len(rows), dtype=np.int64), whole)
@@ -280,28 +331,24 @@ def weighted_order(ds, sources: list[SourceConfig], seed: int) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
-def tokenized_report(ds, order: np.ndarray, report: DataReport, strict: bool) -> np.ndarray:
+def tokenized_report(scan: Scan, order: np.ndarray, report: DataReport, strict: bool) -> np.ndarray:
     """Count over-long handling, and pairs whose responses render to the same ids, per pair source over `order`
     (a repeated pair counts again, as in the list it stands for); return the rows kept."""
-    import pyarrow.compute as pc
-
-    enc = pc.dictionary_encode(_column(ds, "source")).combine_chunks()
-    codes = pc.fill_null(enc.indices, 0).to_numpy(zero_copy_only=False)  # null = a skipped row, never in order
-    labels = enc.dictionary.to_pylist()
     for status, counter in (("dropped", report.overlong_dropped), ("truncated", report.overlong_truncated),
                             ("trimmed", report.overlong_trimmed)):
-        sel = _eq(ds, "status", status)[order]
-        for name, n in _first_order_counts(codes[order[sel]], labels).items():
+        sel = _is(scan, status)[order]
+        for name, n in _first_order_counts(scan.source[order[sel]], scan.source_labels).items():
             counter[name] += n
-    identical = _eq(ds, "status", IDENTICAL)[order]
+    identical = _is(scan, IDENTICAL)[order]
     for row in order[identical].tolist():  # rare: row by row, in order, for the reasons' first example
-        src, origin = labels[codes[row]], _column(ds, "origin")[row].as_py()
-        err = BadRow("identical_responses", "rejected", "the same tokens as chosen once rendered", origin)
+        src = scan.source_labels[scan.source[row]]
+        err = BadRow("identical_responses", "rejected", "the same tokens as chosen once rendered",
+                     scan.identical_origin[row])
         if strict:
             raise err
         report.skip(src, err)
         report.kept[src] -= 1
-    return order[~(_eq(ds, "status", "dropped") | _eq(ds, "status", IDENTICAL))[order]]
+    return order[~(_is(scan, "dropped") | _is(scan, IDENTICAL))[order]]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -312,72 +359,41 @@ FINAL_COLUMNS = ["margin", "source", "category", "origin", "chosen_ids", "reject
                  "seq_lens", "status", "num_tokens", "chosen_len", "prefix_len"]
 
 
-def _gather(tables: list, rows: np.ndarray):
-    """rows (indices into the tables one after the other) of the tables, in order, as one table: zero-copy slices of
-    runs of consecutive rows, so only those rows' pages are read."""
-    import pyarrow as pa
-
-    batches = [b for t in tables for b in t.to_batches()]
-    starts = np.cumsum([0] + [len(b) for b in batches])
-    which = np.searchsorted(starts, rows, side="right") - 1
-    cut = np.flatnonzero((np.diff(rows) != 1) | (np.diff(which) != 0)) + 1
-    first, ends = np.concatenate([[0], cut]), np.concatenate([cut, [len(rows)]])
-    return pa.Table.from_batches([batches[which[a]].slice(rows[a] - starts[which[a]], b - a)
-                                  for a, b in zip(first.tolist(), ends.tolist())], schema=tables[0].schema)
-
-
-def write_split(ds, rows: np.ndarray, path: Path) -> int:
+def write_split(scan: Scan, rows: np.ndarray, path: Path) -> int:
     """The split's rows, in order, as `<path>/data.arrow`, plus its per-pair token counts as .npy files that
     training memory-maps: `<split>_sizes.npy` (chosen + rejected), `<split>_chosen_len.npy` and
     `<split>_prefix_len.npy` (the tokens both share), int32.
 
-    `ds` is `convert_sources`' memory-mapped segments. The rows are copied in chunks whose record batches hold about
-    WRITE_CHUNK_BYTES of token ids; each chunk maps only the segment files its rows lie in and unmaps them when
-    written, so the pages read never add up to the whole split in memory."""
-    import gc
-
+    Rows are copied one source record batch at a time: each run of rows from the same batch is read (a plain read
+    at the batch's offset), taken and written before the next, so memory holds one batch whatever the split's size.
+    Weights and the held-out split make `rows` a few ascending runs, so each batch is read about once per run."""
     import pyarrow as pa
     from datasets import Features
     from datasets.arrow_writer import ArrowWriter
 
-    sizes = {name: _column(ds, column).to_numpy()[rows].astype(np.int32)
-             for name, column in (("sizes", "num_tokens"), ("chosen_len", "chosen_len"), ("prefix_len", "prefix_len"))}
-    files = [f["filename"] for f in ds.cache_files]
     path.mkdir(parents=True)
-    writer = ArrowWriter(features=Features({k: ds.features[k] for k in FINAL_COLUMNS}), path=str(path / "data.arrow"))
-    if len(rows):
-        bounds = np.cumsum([0] + [_num_rows(f) for f in files])
-        # a chunk's cost is the token ids of the record batches it reads, not of its rows: scattered rows (the
-        # held-out split) each map pages around them, so 1% of 1M rows in one chunk mapped 1.2 GB
-        block = rows // BLOCK_ROWS
-        block_bytes = np.bincount(np.arange(len(ds)) // BLOCK_ROWS,
-                                  weights=_column(ds, "num_tokens").to_numpy() * 4.0)
-        cost = np.where(np.diff(block, prepend=-1) != 0, block_bytes[block], 0.0)
-        chunk_of = (np.cumsum(cost) // WRITE_CHUNK_BYTES).astype(np.int64)
-        cuts = np.flatnonzero(np.diff(chunk_of)) + 1
-        for part in np.split(rows, cuts):
-            seg = np.searchsorted(bounds, part, side="right") - 1
-            used = np.unique(seg)
-            offset = np.cumsum([0] + [bounds[k + 1] - bounds[k] for k in used])
-            local = part - bounds[seg] + offset[np.searchsorted(used, seg)]
-            tables = []
-            for k in used.tolist():
-                with pa.memory_map(files[k]) as source:
-                    tables.append(pa.ipc.open_stream(source).read_all().select(FINAL_COLUMNS))
-            writer.write_table(_gather(tables, local))
-            del tables
-            gc.collect()
-    writer.finalize()
-    for name, values in sizes.items():
-        np.save(path.with_name(f"{path.name}_{name}.npy"), values)
+    features = _features()
+    writer = ArrowWriter(features=Features({k: features[k] for k in FINAL_COLUMNS}), path=str(path / "data.arrow"))
+    handles: dict[int, object] = {}
+    try:
+        batch_of = np.searchsorted(scan.starts, rows, side="right") - 1
+        cuts = (np.flatnonzero(np.diff(batch_of)) + 1).tolist()
+        for a, b in zip([0] + cuts, cuts + [len(rows)]):
+            k, at = scan.where[batch_of[a]]
+            if k not in handles:
+                handles[k] = pa.OSFile(scan.files[k])
+            handles[k].seek(at)
+            batch = pa.ipc.read_record_batch(pa.ipc.read_message(handles[k]), scan.schema)
+            local = pa.array(rows[a:b] - scan.starts[batch_of[a]])
+            writer.write_table(pa.Table.from_batches([batch.select(FINAL_COLUMNS).take(local)]))
+        writer.finalize()
+    finally:
+        for f in handles.values():
+            f.close()
+    for name, values in (("sizes", scan.num_tokens), ("chosen_len", scan.chosen_len),
+                         ("prefix_len", scan.prefix_len)):
+        np.save(path.with_name(f"{path.name}_{name}.npy"), values[rows])
     return len(rows)
-
-
-def _num_rows(file: str) -> int:
-    import pyarrow as pa
-
-    with pa.memory_map(file) as source:
-        return pa.ipc.open_stream(source).read_all().num_rows
 
 
 def build_cache(cfg: DataConfig, tokenizer, seed: int, out: Path, num_proc: int | None = None) -> dict:
@@ -388,35 +404,35 @@ def build_cache(cfg: DataConfig, tokenizer, seed: int, out: Path, num_proc: int 
         check_columns(src)  # a parquet / arrow file without the pair columns is one error, not every row skipped
     train_report, eval_report = DataReport(), DataReport()
     split_by_hash = not cfg.eval_sources and cfg.eval_fraction > 0
-    train_ds = convert_sources(cfg.sources, tokenizer, cfg, work / "train", cfg.eval_fraction if split_by_hash else 0,
-                               num_proc)
-    fill_source_report(train_ds, cfg.sources, train_report, cfg.strict)
-    eval_ds = None
+    train_files = convert_sources(cfg.sources, tokenizer, cfg, work / "train",
+                                  cfg.eval_fraction if split_by_hash else 0, num_proc)
+    train = scan_rows(train_files, cfg.sources, train_report, cfg.strict)
+    held_out = None
     if cfg.eval_sources:
-        eval_ds = convert_sources(cfg.eval_sources, tokenizer, cfg, work / "eval", 0, num_proc)
-        fill_source_report(eval_ds, cfg.eval_sources, eval_report, cfg.strict)
-        eval_order = weighted_order(eval_ds, cfg.eval_sources, seed)
-    order = weighted_order(train_ds, cfg.sources, seed)
+        eval_files = convert_sources(cfg.eval_sources, tokenizer, cfg, work / "eval", 0, num_proc)
+        held_out = scan_rows(eval_files, cfg.eval_sources, eval_report, cfg.strict)
+        eval_order = weighted_order(held_out, cfg.eval_sources, seed)
+    order = weighted_order(train, cfg.sources, seed)
     if split_by_hash:
-        held = _column(train_ds, "heldout").to_numpy(zero_copy_only=False)[order]
-        order, eval_order, eval_ds = order[~held], order[held], train_ds
+        held = train.heldout[order]
+        order, eval_order, held_out = order[~held], order[held], train
     if len(order) == 0:
         files = [str(f) for src in cfg.sources for f in source_files(src)] or [src.path for src in cfg.sources]
         raise UserError(f"no valid training pairs in {', '.join(files)}: "
                         + (train_report.summary().replace("\n", "; ") or "no rows"))
-    train_rows = tokenized_report(train_ds, order, train_report, cfg.strict)
-    eval_rows = (tokenized_report(eval_ds, eval_order, eval_report, cfg.strict)
-                 if eval_ds is not None and len(eval_order) else None)
+    train_rows = tokenized_report(train, order, train_report, cfg.strict)
+    eval_rows = (tokenized_report(held_out, eval_order, eval_report, cfg.strict)
+                 if held_out is not None and len(eval_order) else None)
     report = {"train": train_report.as_dict(), "eval": eval_report.as_dict(),
               "train_pairs": len(train_rows), "eval_pairs": len(eval_rows) if eval_rows is not None else 0}
     if len(train_rows) == 0:
         raise UserError(f"every training pair was dropped as over-long (max_length={cfg.max_length}, "
                          f"max_tokens={cfg.max_tokens}); raise them or use data.overlong=truncate_prompt_left")
-    write_split(train_ds, train_rows, out / "train")
+    del order
+    write_split(train, train_rows, out / "train")
     if eval_rows is not None:
-        write_split(eval_ds, eval_rows, out / "eval")
+        write_split(held_out, eval_rows, out / "eval")
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    del train_ds, eval_ds
     shutil.rmtree(work)
     return report
 
