@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 6  # bump when tokenization or the cache layout changes (2: pairs rendering to the same ids dropped;
 # 3: written by btrm.data.pipeline: int32 ids, .npy token counts; 4: prefix_len, the prompt a pair shares;
-# 5: ranked groups: more_ids, scores, seq_lens; 6: each split one Arrow file, <split>/data.arrow, written in chunks)
+# 5: ranked groups: more_ids, scores, seq_lens; 6: each split one Arrow file, <split>/data.arrow, written a record batch at a time)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

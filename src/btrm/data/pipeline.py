@@ -258,8 +258,11 @@ def scan_rows(files: list[str], sources: list[SourceConfig], report: DataReport,
                 for i in np.flatnonzero(status == status_of[IDENTICAL]).tolist():
                     identical[first + i] = c["origin"][i].as_py()
                 del batch, c
-    arrays = {k: np.concatenate(v) if v else np.zeros(0, dtype=bool if k == "heldout" else np.int32)
-              for k, v in cols.items()}
+    arrays = {}
+    for k in list(cols):  # one column at a time, its per-batch pieces freed as it is joined
+        parts = cols.pop(k)
+        arrays[k] = np.concatenate(parts) if parts else np.zeros(0, dtype=bool if k == "heldout" else np.int32)
+        del parts
     read = np.bincount(arrays["src"], minlength=len(sources))
     kept = np.bincount(arrays["src"][arrays["status"] != status_of[STATUS_SKIP]], minlength=len(sources))
     for k in range(len(sources)):
