@@ -207,3 +207,36 @@ def test_segments_and_batchwise_write_change_nothing(tmp_path, tok, monkeypatch)
     root = tmp_path / "cache" / "k"
     prepare_cache(cfg, tok, 3, root)
     assert_same(load_prepared(root), list_based(cfg, tok, 3))
+
+
+def test_strict_raises_the_first_bad_row_and_leaves_no_cache(tmp_path, tok):
+    """strict: the first bad row in row order (tokenized in 2 processes) is the error the list-based loader raises;
+    responses that render to the chosen ids are an error too, found after the scan; neither leaves a cache."""
+    sources = _mixed_sources(tmp_path)
+    cfg = DataConfig(sources=sources, strict=True, max_length=160, max_tokens=300, num_proc=2)
+    root = tmp_path / "cache" / "k"
+    with pytest.raises(BadRow) as err:
+        prepare_cache(cfg, tok, 0, root)
+    with pytest.raises(BadRow) as want:
+        list_based(cfg, tok, 0)
+    assert str(err.value) == str(want.value) and err.value.reason == "bad_json" and "a.jsonl:4: field" in str(err.value)
+    cfg = DataConfig(sources=sources[2:], strict=True, max_length=160, max_tokens=300)  # c.json: its row 5
+    with pytest.raises(BadRow) as err:
+        prepare_cache(cfg, tok, 0, root)
+    assert err.value.reason == "identical_responses" and "c.json[5]: field" in str(err.value)
+    assert not root.exists() and not root.with_name("k.tmp").exists()
+
+
+def test_a_held_out_split_whose_pairs_are_all_dropped_is_written_empty(tmp_path, tok):
+    train = write_preference_jsonl(tmp_path / "t.jsonl", 20)
+    long = [{"role": "user", "content": "word " * 300}]
+    (tmp_path / "e.jsonl").write_text("".join(json.dumps({"chosen": long + [{"role": "assistant", "content": "y"}],
+                                                          "rejected": long + [{"role": "assistant", "content": "n"}]})
+                                              + "\n" for _ in range(3)))
+    cfg = DataConfig(sources=[SourceConfig(path=str(train))], eval_sources=[SourceConfig(path=str(tmp_path / "e.jsonl"))],
+                     max_length=160, max_tokens=300)
+    root = tmp_path / "cache" / "k"
+    prepare_cache(cfg, tok, 0, root)
+    data = load_prepared(root)
+    assert len(data.eval.ds) == 0 and len(data.eval.sizes) == 0 and data.report["eval_pairs"] == 0
+    assert sum(data.report["eval"]["overlong_dropped"].values()) == 3 and len(data.train.ds) == 20
