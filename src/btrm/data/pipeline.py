@@ -8,7 +8,7 @@ the memory a process holds, memory-mapped pages of those files included, stays b
               applies the over-long policy and decides the held-out split by content hash; skipped rows stay as rows
               with their reason. The segment's raw file is deleted and its maps closed before the next is read;
   3. order    one pass of plain reads (no memory map) over the converted segments copies their small columns
-              into NumPy arrays (about 20 bytes per pair) and counts rows read, kept and skipped per source (so
+              into NumPy arrays (22 bytes per pair) and counts rows read, kept and skipped per source (so
               counts merge across processes by construction); source weights (repeat / subsample) and the held-out
               split are index arithmetic on those arrays, never a Python list of pairs;
   4. write    the ordered rows are copied to `<split>/data.arrow` one source record batch at a time (a plain read at
@@ -190,9 +190,9 @@ def convert_sources(sources: list[SourceConfig], tokenizer, cfg: DataConfig, wor
 
 @dataclasses.dataclass
 class Scan:
-    """The converted rows' small columns as NumPy arrays (about 20 bytes per row) and where each record batch lies
-    in the files. Built by one pass of plain reads: a batch's buffers are freed once its columns are copied out, so
-    neither the heap nor memory-mapped pages grow with the token ids read."""
+    """The converted rows' small columns as NumPy arrays (22 bytes per row) and where each record batch lies in the
+    files. Built by one pass of plain reads: a batch's buffers are freed once its columns are copied out, so neither
+    the heap nor memory-mapped pages grow with the token ids read."""
 
     files: list[str]
     schema: object  # the files' pyarrow schema
