@@ -1,6 +1,7 @@
 """The streaming pipeline builds the same data as the list-based preparation it replaced, and its cache survives
 races and kills."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -240,3 +241,23 @@ def test_a_held_out_split_whose_pairs_are_all_dropped_is_written_empty(tmp_path,
     data = load_prepared(root)
     assert len(data.eval.ds) == 0 and len(data.eval.sizes) == 0 and data.report["eval_pairs"] == 0
     assert sum(data.report["eval"]["overlong_dropped"].values()) == 3 and len(data.train.ds) == 20
+
+
+def test_strict_run_on_a_cache_built_without_strict_raises_its_first_skip(tmp_path, tok):
+    """strict is not in the cache key (it changes no token): a strict run that finds a cache with skipped rows
+    raises the first of them instead of training on what the lenient run kept; a clean cache is reused."""
+    from btrm.errors import UserError
+
+    sources = _mixed_sources(tmp_path)
+    lenient = DataConfig(sources=sources, max_length=160, max_tokens=300)
+    strict = DataConfig(sources=sources, max_length=160, max_tokens=300, strict=True)
+    assert cache_key(lenient, tok, 0) == cache_key(strict, tok, 0)
+    root = tmp_path / "cache" / "k"
+    assert prepare_cache(lenient, tok, 0, root)
+    with pytest.raises(UserError, match=r"built without strict, skipped train rows \(1 bad_json, 1 null_field, .*"
+                                        r"the first: .*a\.jsonl:4: field"):
+        prepare_cache(strict, tok, 0, root)
+    clean = DataConfig(sources=[SourceConfig(path=str(write_preference_jsonl(tmp_path / "ok.jsonl", 30)))])
+    root = tmp_path / "cache" / "clean"
+    assert prepare_cache(clean, tok, 0, root)
+    assert not prepare_cache(dataclasses.replace(clean, strict=True), tok, 0, root)

@@ -481,10 +481,10 @@ def prepare_cache(cfg: DataConfig, tokenizer, seed: int, root: Path, num_proc: i
     system, a `btrm data prepare` next to a training run) build once. A build that fails removes its `.tmp`; one
     left by a killed run is removed by the next."""
     if (root / "done.json").exists():
-        return False
+        return _reused(cfg, root)
     with file_lock(root.with_name(root.name + ".lock")):
         if (root / "done.json").exists():  # another process finished while we waited
-            return False
+            return _reused(cfg, root)
         tmp = root.with_name(root.name + ".tmp")
         if tmp.exists():
             log.info("removing %s left by an interrupted run", tmp)
@@ -500,6 +500,21 @@ def prepare_cache(cfg: DataConfig, tokenizer, seed: int, root: Path, num_proc: i
             shutil.rmtree(root)
         os.replace(tmp, root)
     return True
+
+
+def _reused(cfg: DataConfig, root: Path) -> bool:
+    """False, for a complete cache that this config may use. `strict` is not part of the cache key (it changes no
+    token), so a strict run that finds a cache built without it checks the cache's report: any row it skipped is
+    the error a strict build would have raised."""
+    if cfg.strict:
+        report = json.loads((root / "report.json").read_text())
+        for split in ("train", "eval"):
+            r = DataReport.from_dict(report[split])
+            if r.skipped_by_reason():
+                reasons = ", ".join(f"{n:,} {reason}" for reason, n in r.skipped_by_reason().items())
+                raise UserError(f"data.strict: the tokenized cache {root}, built without strict, skipped {split} rows "
+                                f"({reasons}); the first: {next(iter(r.examples.values()))}")
+    return False
 
 
 def load_prepared(root: Path, in_memory: bool = False):
