@@ -208,9 +208,6 @@ class Scan:
     prefix_len: np.ndarray
     identical_origin: dict[int, str]  # row -> origin of rows whose responses render to the same ids (rare)
 
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
 
 STATUS_CODES = ["ok", "truncated", "trimmed", "dropped", IDENTICAL, STATUS_SKIP]
 
