@@ -21,7 +21,6 @@ import argparse
 import itertools
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ from btrm.cpu import retain_freed_memory  # noqa: E402
 from btrm.data.packing import collate  # noqa: E402
 from btrm.loss import build_objective  # noqa: E402
 from btrm.modeling import SEGMENT, packed_rewards  # noqa: E402
-from btrm.tiny import build_tiny_model  # noqa: E402
+from btrm.tiny import load_tiny_score_model  # noqa: E402
 
 
 def main() -> None:
@@ -51,12 +50,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     retain_freed_memory()
-    from transformers import AutoModelForSequenceClassification
-
-    with tempfile.TemporaryDirectory() as d:
-        build_tiny_model("llama3", d, hidden_size=args.hidden, num_layers=args.layers, num_heads=8, num_kv_heads=4,
-                         intermediate_size=4 * args.hidden)
-        model = AutoModelForSequenceClassification.from_pretrained(d, num_labels=1, attn_implementation=SEGMENT)
+    model = load_tiny_score_model(args.hidden, args.layers, SEGMENT)
     groups = make_items(args.groups, args.k, args.seq_len, args.share, model.config.vocab_size, seed=3)
     pairs = list(itertools.combinations(range(args.k), 2))  # stored best first: i < j means i is preferred
     flat = [[g[i], g[j]] for g in groups for i, j in pairs]

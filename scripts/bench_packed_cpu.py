@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import tempfile
 import time
 
 import torch
@@ -21,7 +20,7 @@ from btrm.attention import SEGMENT
 from btrm.cpu import retain_freed_memory
 from btrm.data.packing import pack_sequences
 from btrm.modeling import decoder_of
-from btrm.tiny import build_tiny_model
+from btrm.tiny import load_tiny_score_model
 
 
 def main() -> None:
@@ -36,12 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     retained = False if args.no_retain else retain_freed_memory()
     torch.manual_seed(0)
-    from transformers import AutoModelForSequenceClassification
-
-    with tempfile.TemporaryDirectory() as d:
-        build_tiny_model("llama3", d, hidden_size=args.hidden, num_layers=args.layers, num_heads=8, num_kv_heads=4,
-                         intermediate_size=4 * args.hidden)
-        model = AutoModelForSequenceClassification.from_pretrained(d, num_labels=1, attn_implementation=SEGMENT)
+    model = load_tiny_score_model(args.hidden, args.layers, SEGMENT)
     vocab = model.config.vocab_size
     segs = [torch.randint(0, vocab, (args.seg_len,)).tolist() for _ in range(args.segments)]
     ids, pos, cu, max_len = pack_sequences(segs)

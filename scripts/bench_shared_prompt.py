@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 
 import torch
@@ -31,7 +30,7 @@ from btrm.data.packing import collate, collate_pairs
 from btrm.inference.scorer import RewardModel
 from btrm.loss import bt_loss
 from btrm.modeling import SEGMENT, packed_rewards
-from btrm.tiny import build_tiny_model
+from btrm.tiny import load_tiny_score_model
 
 
 def make_items(n_items: int, per_item: int, seq_len: int, share: float, vocab: int, seed: int) -> list[list[list[int]]]:
@@ -74,12 +73,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     retain_freed_memory()
-    from transformers import AutoModelForSequenceClassification
-
-    with tempfile.TemporaryDirectory() as d:
-        build_tiny_model("llama3", d, hidden_size=args.hidden, num_layers=args.layers, num_heads=8, num_kv_heads=4,
-                         intermediate_size=4 * args.hidden)
-        model = AutoModelForSequenceClassification.from_pretrained(d, num_labels=1, attn_implementation=SEGMENT)
+    model = load_tiny_score_model(args.hidden, args.layers, SEGMENT)
     vocab = model.config.vocab_size
     load = os.getloadavg()[0]
     print(f"Llama {args.layers} layers x {args.hidden}, fp32, {SEGMENT}, torch threads {torch.get_num_threads()}, "

@@ -388,6 +388,20 @@ def build_tiny_reward_model(out_dir, *, score_std: float = 1.0, **shape) -> Path
     return out_dir
 
 
+def load_tiny_score_model(hidden_size: int, num_layers: int, attn_implementation: str):
+    """A random-init Llama-3 tiny one-label sequence classifier of width ``hidden_size`` (8 heads, 4 KV heads, MLP
+    4x wide), loaded in memory with ``attn_implementation``: what the CPU attention benchmarks time."""
+    import tempfile
+
+    from transformers import AutoModelForSequenceClassification
+
+    with tempfile.TemporaryDirectory() as d:
+        build_tiny_model("llama3", d, hidden_size=hidden_size, num_layers=num_layers, num_heads=8, num_kv_heads=4,
+                         intermediate_size=4 * hidden_size)
+        return AutoModelForSequenceClassification.from_pretrained(d, num_labels=1,
+                                                                  attn_implementation=attn_implementation)
+
+
 def _conv(user: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
 
